@@ -1,0 +1,73 @@
+"""Argument plumbing shared by every entry point: head lists, model building, checkpoint loading."""
+import argparse
+import numbers
+from pathlib import Path
+from typing import Iterable, List, Optional, Tuple
+
+import timm
+import torch
+
+from . import model as _model  # noqa: F401  registers the hydravit models with timm
+from .checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file
+
+DEFAULT_EVAL_HEADS = (3, 6, 12)
+
+
+def parse_heads(values: Iterable, num_heads: int, flag: str = '--heads') -> List[int]:
+    """Validate a list of head counts: ints in 1..num_heads, no duplicates, at least one."""
+    values = list(values)
+    if not values:
+        raise ValueError(f'{flag}: give at least one head count in 1..{num_heads}')
+    bad = [v for v in values
+           if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not 1 <= v <= num_heads]
+    if bad:
+        raise ValueError(f'{flag}: head counts must be ints in 1..{num_heads}, got {bad}')
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f'{flag}: duplicate head counts {dupes}')
+    return [int(v) for v in values]
+
+
+def default_heads(num_heads: int, checkpoint: Optional[dict] = None) -> List[int]:
+    """Head set stored with a training checkpoint, else 3 6 12 clipped to the model."""
+    if checkpoint and isinstance(checkpoint.get('heads'), (list, tuple)):
+        return parse_heads(checkpoint['heads'], num_heads, flag='checkpoint heads')
+    return sorted({min(k, num_heads) for k in DEFAULT_EVAL_HEADS})
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """timm-style model arguments used by every entry point."""
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', '-m', default='hydravit_dyn_patch16_224', help='registered model name')
+    group.add_argument('--checkpoint', default='', help='weights: state dict, timm checkpoint or .safetensors')
+    group.add_argument('--use-ema', action='store_true', help='use the EMA weights of a timm checkpoint')
+    group.add_argument('--num-classes', type=int, default=None,
+                       help='classifier size (default: from the checkpoint, else the model default)')
+    group.add_argument('--heads', type=int, nargs='+', default=None,
+                       help='head counts to evaluate (default: those stored with the checkpoint, else 3 6 12)')
+
+
+def create_model_from_args(args: argparse.Namespace) -> Tuple[torch.nn.Module, Optional[dict]]:
+    """Build ``args.model`` and load ``args.checkpoint`` (if given) strictly. Returns (model, checkpoint)."""
+    if not timm.is_model(args.model):
+        raise ValueError(f'--model: unknown model {args.model!r}')
+    checkpoint, state_dict = None, None
+    if args.checkpoint:
+        checkpoint = load_checkpoint_file(args.checkpoint)
+        state_dict = extract_state_dict(checkpoint, getattr(args, 'use_ema', False), source=args.checkpoint)
+    num_classes = args.num_classes
+    if num_classes is None and state_dict is not None and 'head.weight' in state_dict:
+        num_classes = state_dict['head.weight'].shape[0]
+    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    model = timm.create_model(args.model, **kwargs)
+    if state_dict is not None:
+        check_state_dict_matches(model, state_dict, source=str(Path(args.checkpoint)))
+        model.load_state_dict(state_dict, strict=True)
+    return model, checkpoint
+
+
+def resolve_heads(args: argparse.Namespace, model, checkpoint: Optional[dict]) -> List[int]:
+    """``--heads`` validated against ``model``, or the default head set."""
+    if args.heads is None:
+        return default_heads(model.num_heads, checkpoint)
+    return parse_heads(args.heads, model.num_heads)

@@ -1,0 +1,213 @@
+"""HydraViT: one ViT whose first k of H heads (and the matching slice of every layer) form a ViT.
+
+The model is timm's ``VisionTransformer`` built from sliceable layers, so its state dict is
+key-for-key and shape-for-shape that of the full-size timm ViT.
+"""
+import numbers
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+
+from .layers import (
+    SeparateClassifiers,
+    SliceableAttention,
+    SliceableLayerNorm,
+    SliceableLinear,
+    SliceableMlp,
+    SliceablePatchEmbed,
+)
+
+__all__ = ['HydraViT']
+
+SUPPORTED_POOLS = ('token', 'avg', 'max', 'avgmax', '')
+
+
+class HydraViT(VisionTransformer):
+    """Vision Transformer with a run-time selectable number of leading attention heads.
+
+    ``set_heads(k)`` selects the subnetwork made of the first ``k`` heads: embedding width
+    ``k * head_dim`` in every layer, MLP hidden width scaled alike, all classes out.
+    """
+
+    def __init__(
+            self,
+            img_size: int = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            class_token: bool = True,
+            no_embed_class: bool = False,
+            reg_tokens: int = 0,
+            fc_norm: Optional[bool] = None,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            patch_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            weight_init: str = '',
+            separate_classifiers: Optional[Sequence[int]] = None,
+            active_heads: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        if global_pool not in SUPPORTED_POOLS:
+            raise ValueError(f'global_pool must be one of {SUPPORTED_POOLS}, got {global_pool!r}')
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})')
+        vit_args = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
+            no_embed_class=no_embed_class, reg_tokens=reg_tokens, fc_norm=fc_norm,
+        )
+        super().__init__(
+            **vit_args,
+            drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate,
+            patch_drop_rate=patch_drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            weight_init=weight_init,
+            embed_layer=SliceablePatchEmbed,
+            norm_layer=SliceableLayerNorm,
+            mlp_layer=SliceableMlp,
+            attn_layer=SliceableAttention,
+            device=device,
+            dtype=dtype,
+        )
+        self.vit_args = vit_args  # rebuilds the subnetwork as a plain timm ViT (hydravit.export)
+        self.head_dim = embed_dim // num_heads
+        self.num_heads = num_heads
+        self.separate_classifiers = sorted(set(separate_classifiers)) if separate_classifiers else None
+        if self.separate_classifiers:
+            bad = [k for k in self.separate_classifiers if not _is_head_count(k, num_heads)]
+            if bad:
+                raise ValueError(f'separate_classifiers must hold head counts in 1..{num_heads}, got {bad}')
+        self.head = self._make_head(num_classes)
+        self._active_heads = num_heads
+        self.set_heads(num_heads if active_heads is None else active_heads)
+
+    # --- choosing the subnetwork -------------------------------------------------------------
+    @property
+    def active_heads(self) -> int:
+        """Number of leading attention heads currently in use."""
+        return self._active_heads
+
+    @property
+    def active_embed_dim(self) -> int:
+        """Embedding width of the active subnetwork (``active_heads * head_dim``)."""
+        return self._active_heads * self.head_dim
+
+    def set_heads(self, k: int) -> None:
+        """Select the subnetwork of the first ``k`` heads. O(1): nothing is allocated or copied."""
+        if not _is_head_count(k, self.num_heads):
+            raise ValueError(f'heads must be an int in 1..{self.num_heads}, got {k!r}')
+        if self.separate_classifiers and k not in self.separate_classifiers:
+            raise ValueError(
+                f'heads={k} has no classifier; this model has separate classifiers for {self.separate_classifiers}')
+        self._active_heads = int(k)
+        self.patch_embed.proj.active_out_channels = self.active_embed_dim
+
+    # --- timm hooks ------------------------------------------------------------------------------
+    def _make_head(self, num_classes: int) -> nn.Module:
+        dd = {'device': self.cls_token.device if self.cls_token is not None else None}
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.separate_classifiers:
+            head = SeparateClassifiers(self.separate_classifiers, self.head_dim, num_classes, **dd)
+        else:
+            head = SliceableLinear(self.embed_dim, num_classes, **dd)
+        for m in head.modules():  # timm's ViT head init
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                nn.init.zeros_(m.bias)
+        return head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None and global_pool not in SUPPORTED_POOLS:
+            raise ValueError(f'global_pool must be one of {SUPPORTED_POOLS}, got {global_pool!r}')
+        super().reset_classifier(num_classes, global_pool)
+        self.head = self._make_head(num_classes).train(self.training)
+        self.vit_args.update(num_classes=num_classes, global_pool=self.global_pool)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        prefix = [
+            t[..., :width].expand(x.shape[0], -1, -1)
+            for t in (self.cls_token, self.reg_token) if t is not None
+        ]
+        if self.pos_embed is None:
+            x = torch.cat(prefix + [x], dim=1)
+        elif self.no_embed_class:
+            x = torch.cat(prefix + [x + self.pos_embed[..., :width]], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed[..., :width]
+        return self.pos_drop(x)
+
+    def subnetwork_params(self, k: Optional[int] = None) -> int:
+        """Parameter count of the subnetwork with ``k`` heads (default: the active one)."""
+        from .export import subnetwork_state_dict  # local import: export depends on this module
+        return sum(t.numel() for t in subnetwork_state_dict(self, self.active_heads if k is None else k).values())
+
+
+def _is_head_count(k: Any, num_heads: int) -> bool:
+    return isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k <= num_heads
+
+
+def _create_hydravit(variant: str, pretrained: bool = False, **kwargs) -> HydraViT:
+    return build_model_with_cfg(
+        HydraViT, variant, pretrained,
+        feature_cfg=dict(out_indices=3, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': .875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    # DeiT's data config: the paper trains with the DeiT recipe.
+    'hydravit_dyn_patch16_224': _cfg(),
+    # CPU-scale sibling for demos and tests (32px, e.g. the bundled digits).
+    'hydravit_dyn_patch4_32': _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+})
+
+
+@register_model
+def hydravit_dyn_patch16_224(pretrained: bool = False, **kwargs) -> HydraViT:
+    """ViT-B/16 geometry; 3/6/12 heads are exactly DeiT-Tiny/Small/Base."""
+    model_args = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_hydravit('hydravit_dyn_patch16_224', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hydravit_dyn_patch4_32(pretrained: bool = False, **kwargs) -> HydraViT:
+    """32px, patch 4, depth 6, 12 heads x 16 (embed 192): the CPU-scale sibling."""
+    model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=12)
+    return _create_hydravit('hydravit_dyn_patch4_32', pretrained, **dict(model_args, **kwargs))
