@@ -82,5 +82,8 @@ def atomic_torch_save(obj, path: PathLike) -> None:
     """``torch.save`` to a temporary file, then rename: ``path`` is never left half-written."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
