@@ -3,6 +3,7 @@
 Accepted inputs: a plain state dict, a timm checkpoint dict (``state_dict`` / ``state_dict_ema``),
 or a ``.safetensors`` file. Pickled files are opened with ``torch.load(weights_only=True)``.
 """
+import argparse
 import os
 from pathlib import Path
 from typing import Dict, Union
@@ -12,6 +13,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 PathLike = Union[str, Path]
+# timm's train.py stores its argparse.Namespace in checkpoints; it only carries plain attributes.
+_SAFE_GLOBALS = [argparse.Namespace]
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
 
 
@@ -23,7 +26,8 @@ def load_checkpoint_file(path: PathLike) -> dict:
     if path.suffix == '.safetensors':
         return load_file(str(path), device='cpu')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # unpickling refused or corrupt file
         raise ValueError(f'cannot read checkpoint {path} as weights-only: {e}') from e
 

@@ -88,6 +88,16 @@ def test_load_model_weights_variants(tmp_path, model):
         load_model_weights(fresh(), tmp_path / 'w.safetensors', use_ema=True)
 
 
+def test_timm_train_checkpoint_with_namespace_args_loads(tmp_path, model):
+    """Checkpoints from timm's train.py (e.g. the released HydraViT ones) pickle an argparse.Namespace."""
+    import argparse
+    torch.save({'epoch': 3, 'arch': 'hydravit_dyn_patch16_224', 'args': argparse.Namespace(heads=[3, 6]),
+                'state_dict': model.state_dict(), 'state_dict_ema': model.state_dict()}, tmp_path / 'timm.pth.tar')
+    checkpoint = load_model_weights(timm.create_model('hydravit_dyn_patch4_32', num_classes=10),
+                                    tmp_path / 'timm.pth.tar', use_ema=True)
+    assert checkpoint['args'].heads == [3, 6]
+
+
 def test_wrong_architecture_named_in_error(tmp_path, model):
     torch.save(timm.create_model('vit_tiny_patch16_224', num_classes=10).state_dict(), tmp_path / 'tiny.pth')
     with pytest.raises(ValueError, match=r'shape mismatches: .*pos_embed'):
