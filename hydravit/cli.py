@@ -11,6 +11,7 @@ from . import model as _model  # noqa: F401  registers the hydravit models with 
 from .checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file
 
 DEFAULT_EVAL_HEADS = (3, 6, 12)
+DEFAULT_MODEL = 'hydravit_dyn_patch16_224'
 
 
 def parse_heads(values: Iterable, num_heads: int, flag: str = '--heads') -> List[int]:
@@ -38,7 +39,8 @@ def default_heads(num_heads: int, checkpoint: Optional[dict] = None) -> List[int
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """timm-style model arguments used by every entry point."""
     group = parser.add_argument_group('Model')
-    group.add_argument('--model', '-m', default='hydravit_dyn_patch16_224', help='registered model name')
+    group.add_argument('--model', '-m', default=None,
+                       help=f"registered model name (default: the checkpoint's 'arch', else {DEFAULT_MODEL})")
     group.add_argument('--checkpoint', default='', help='weights: state dict, timm checkpoint or .safetensors')
     group.add_argument('--use-ema', action='store_true', help='use the EMA weights of a timm checkpoint')
     group.add_argument('--num-classes', type=int, default=None,
@@ -48,22 +50,46 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def create_model_from_args(args: argparse.Namespace) -> Tuple[torch.nn.Module, Optional[dict]]:
-    """Build ``args.model`` and load ``args.checkpoint`` (if given) strictly. Returns (model, checkpoint)."""
-    if not timm.is_model(args.model):
-        raise ValueError(f'--model: unknown model {args.model!r}')
+    """Build ``args.model`` and load ``args.checkpoint`` (if given) strictly. Returns (model, checkpoint).
+
+    Without ``--model`` the checkpoint's ``arch`` is used (sets ``args.model``). The classifier's shape comes
+    from the checkpoint: its class count (unless ``--num-classes``) and, for the separate-classifiers
+    variant, the head counts that have a classifier.
+    """
     checkpoint, state_dict = None, None
     if args.checkpoint:
         checkpoint = load_checkpoint_file(args.checkpoint)
         state_dict = extract_state_dict(checkpoint, getattr(args, 'use_ema', False), source=args.checkpoint)
-    num_classes = args.num_classes
-    if num_classes is None and state_dict is not None and 'head.weight' in state_dict:
-        num_classes = state_dict['head.weight'].shape[0]
-    kwargs = {} if num_classes is None else {'num_classes': num_classes}
-    model = timm.create_model(args.model, **kwargs)
+    if not args.model:  # a training checkpoint names its model
+        arch = (checkpoint or {}).get('arch')
+        args.model = arch if isinstance(arch, str) else DEFAULT_MODEL
+    if not timm.is_model(args.model):
+        raise ValueError(f'--model: unknown model {args.model!r}')
+    kwargs = _classifier_kwargs(state_dict or {})
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except TypeError as e:  # e.g. separate classifiers in the checkpoint, model without them
+        raise ValueError(f'{args.checkpoint}: cannot build {args.model} with {kwargs}: {e}') from e
     if state_dict is not None:
         check_state_dict_matches(model, state_dict, source=str(Path(args.checkpoint)))
         model.load_state_dict(state_dict, strict=True)
     return model, checkpoint
+
+
+def _classifier_kwargs(state_dict: dict) -> dict:
+    """create_model kwargs that shape the classifier like the one in ``state_dict``."""
+    if 'head.weight' in state_dict:
+        return {'num_classes': state_dict['head.weight'].shape[0]}
+    separate = {}  # head.classifiers.<k>.weight: one classifier per head count
+    for key, tensor in state_dict.items():
+        parts = key.split('.')
+        if len(parts) == 4 and parts[:2] == ['head', 'classifiers'] and parts[3] == 'weight' and parts[2].isdigit():
+            separate[int(parts[2])] = tensor.shape[0]
+    if not separate:
+        return {}
+    return {'num_classes': next(iter(separate.values())), 'separate_classifiers': tuple(sorted(separate))}
 
 
 def resolve_heads(args: argparse.Namespace, model, checkpoint: Optional[dict]) -> List[int]:

@@ -1,0 +1,161 @@
+"""Batch-1 latency and batch-B throughput per head count.
+
+Timing excludes warm-up (and, with ``--compile``, compilation), runs under ``torch.inference_mode``
+and is synchronized with the device: CUDA events on GPU, ``time.perf_counter`` on CPU. Each
+measurement runs a fixed number of iterations, or for a time budget with ``--bench-time``.
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from ..export import export_subnetwork
+from .common import (
+    EvalSession,
+    Row,
+    Tool,
+    UsageError,
+    add_amp_args,
+    autocast,
+    create_eval_dataset,
+    create_eval_loader,
+    format_row,
+    run_tool,
+)
+
+KEYS = ('heads', 'batch_size', 'latency_ms_median', 'latency_ms_p90', 'throughput')
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+               budget_s: Optional[float] = None) -> List[float]:
+    """Milliseconds of each timed call of ``fn`` after ``warmup`` untimed calls.
+
+    Runs ``iters`` calls, or as many as fit in ``budget_s`` seconds (at least one) when given.
+    """
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
+    while (len(times) < iters) if deadline is None else (not times or time.perf_counter() < deadline):
+        times.append(_time_one(fn, device))
+    return times
+
+
+def _time_one(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == 'cuda':
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def percentile(values: List[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
+    """Latency (batch 1) and throughput (the whole ``batch``) of the k-head subnetwork."""
+    args, device = session.args, session.device
+    runner = _runner(session, k)
+    single = batch[:1]
+
+    def forward(x):
+        with torch.inference_mode(), autocast(args, device):
+            return runner(x)
+
+    bench = dict(device=device, warmup=args.num_warm_iter, iters=args.num_bench_iter, budget_s=args.bench_time)
+    latency = time_calls(lambda: forward(single), **bench)
+    batch_times = time_calls(lambda: forward(batch), **bench)
+    return {
+        'heads': k,
+        'batch_size': batch.shape[0],
+        'latency_ms_median': statistics.median(latency),
+        'latency_ms_p90': percentile(latency, 90),
+        'throughput': batch.shape[0] * len(batch_times) / (sum(batch_times) / 1e3),
+    }
+
+
+def _runner(session: EvalSession, k: int) -> torch.nn.Module:
+    """The module to time: the sliced model at k heads, or its export; compiled for this k if asked."""
+    model = session.model
+    model.set_heads(k)
+    module = export_subnetwork(model, k).eval() if session.args.exported else model
+    if session.args.compile:
+        torch._dynamo.reset()  # a fresh compile per head count: no guard failures or recompile limits
+        module = torch.compile(module, dynamic=False)
+    return module
+
+
+def input_batch(session: EvalSession) -> torch.Tensor:
+    """First batch of DATA (repeated to fill the batch size) if given, else random of the model's input size."""
+    batch_size = session.args.batch_size
+    if session.args.data is None:
+        return torch.randn(batch_size, *session.input_size, device=session.device)
+    images, _ = next(iter(create_eval_loader(session, create_eval_dataset(session))))
+    repeats = -(-batch_size // images.shape[0])
+    return images.repeat(repeats, 1, 1, 1)[:batch_size].to(session.device)
+
+
+def measure(session: EvalSession) -> List[Row]:
+    batch = input_batch(session)
+    args = session.args
+    print(f'Benchmarking {args.model} on {session.device} (batch {args.batch_size}, '
+          f'amp {args.amp_dtype if args.amp else "off"}, compile {"on" if args.compile else "off"}), '
+          f'heads {session.heads}', flush=True)
+    rows = []
+    for k in session.heads:
+        rows.append(benchmark_heads(session, k, batch))
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_amp_args(parser)
+    group = parser.add_argument_group('Benchmark')
+    group.add_argument('--num-warm-iter', type=int, default=10, metavar='N', help='untimed warm-up calls')
+    group.add_argument('--num-bench-iter', type=int, default=50, metavar='N', help='timed calls per measurement')
+    group.add_argument('--bench-time', type=float, default=None, metavar='SEC',
+                       help='time budget per measurement instead of --num-bench-iter')
+    group.add_argument('--compile', '--torchcompile', dest='compile', action='store_true',
+                       help='torch.compile the model for each head count (compile time is part of warm-up)')
+    group.add_argument('--exported', action='store_true',
+                       help='time the exported plain timm ViT of each k instead of the sliced HydraViT')
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_warm_iter < 0:
+        raise UsageError(f'--num-warm-iter must be >= 0, got {args.num_warm_iter}')
+    if args.num_bench_iter < 1:
+        raise UsageError(f'--num-bench-iter must be >= 1, got {args.num_bench_iter}')
+    if args.bench_time is not None and args.bench_time <= 0:
+        raise UsageError(f'--bench-time must be > 0, got {args.bench_time}')
+    if args.compile and args.num_warm_iter < 1:
+        raise UsageError('--compile needs --num-warm-iter >= 1 so that compilation is not timed')
+
+
+TOOL = Tool(
+    description='Batch-1 latency and batch-B throughput per head count.\n\n'
+                '  python validate_throughput.py [DATA] --model hydravit_dyn_patch16_224 -b 512 --heads 3 6 12',
+    keys=KEYS,
+    data_required=False,
+    default_batch_size=256,
+    add_args=add_args,
+    measure=measure,
+    check_args=check_args,
+)
+
+
+def main(argv=None) -> List[Row]:
+    return run_tool(TOOL, argv)
