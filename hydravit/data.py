@@ -1,0 +1,89 @@
+"""Datasets, loaders and Mixup/CutMix for training, all from timm.data, plus early data-dir checks."""
+import argparse
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data.dataset_factory import _search_split
+from timm.data.readers.reader_image_folder import find_images_and_targets
+
+from .train_config import ConfigError
+
+
+def _split_root(root: str, split: str) -> str:
+    """The folder timm's ImageFolder reads for ``split``: ROOT/SPLIT, a synonym (val, valid, ...), else ROOT."""
+    return _search_split(root, split)  # timm's own rule, so the check and the reader agree
+
+
+def check_data_dir(args: argparse.Namespace) -> None:
+    """Fail early, naming the flag, when the dataset folder is missing or holds no images.
+
+    Only folder datasets (``--dataset`` empty) are checked here; other readers report their own errors.
+    """
+    root = args.data_dir
+    if not os.path.isdir(root):
+        raise ConfigError(f'--data-dir: dataset folder not found: {root}')
+    if args.dataset:
+        return
+    splits = [('--train-split', args.train_split)] + ([('--val-split', args.val_split)] if args.val_split else [])
+    for flag, split in splits:
+        folder = _split_root(root, split)
+        if folder == root and any(os.path.isdir(os.path.join(root, s)) for _, s in splits if s != split):
+            raise ConfigError(f'{flag}: no folder {split!r} in {root} (found: {sorted(os.listdir(root))})')
+        images, _ = find_images_and_targets(folder)
+        if not images:
+            raise ConfigError(f'--data-dir: no images found in {folder} (expected CLASS/IMAGE files)')
+
+
+def create_datasets(args: argparse.Namespace, input_img_mode: str) -> Tuple[Any, Optional[Any]]:
+    common = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
+                  input_img_mode=input_img_mode, input_key=args.input_key, target_key=args.target_key)
+    train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                           seed=args.seed, repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
+    val = None
+    if args.val_split:
+        val = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+                             num_samples=args.val_num_samples, **common)
+    return train, val
+
+
+def mixup_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Mixup/CutMix kwargs, or None when both are off."""
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                label_smoothing=args.smoothing, num_classes=args.num_classes)
+
+
+def create_loaders(args: argparse.Namespace, dataset_train, dataset_val, data_config: Dict[str, Any],
+                   device: torch.device):
+    """(train_loader, val_loader or None, mixup_fn or None). Mixup runs in the collate with the prefetcher."""
+    mix = mixup_args(args)
+    collate_fn, mixup_fn = None, None
+    if mix is not None:
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mix)
+        else:
+            mixup_fn = Mixup(**mix)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
+                  num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  use_prefetcher=args.prefetcher)
+    loader_train = create_loader(
+        dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob or 0.,
+        gaussian_blur_prob=args.gaussian_blur_prob or 0., auto_augment=args.aa,
+        num_aug_repeats=int(args.aug_repeats), interpolation=train_interpolation, collate_fn=collate_fn,
+        use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding, **common)
+    loader_val = None
+    if dataset_val is not None:
+        loader_val = create_loader(
+            dataset_val, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    return loader_train, loader_val, mixup_fn
