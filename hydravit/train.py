@@ -425,8 +425,14 @@ class Trainer:
     def validate_heads(self, model: nn.Module, loader, label: str) -> Dict[str, float]:
         """top-1/top-5/loss for every head count; keys loss_k3, top1_k3, ..., plus means top1/top5/loss."""
         model.eval()
-        rows = evaluate_heads(model, loader, self.heads, self.device, self.amp_autocast,
-                              distributed=self.args.distributed)
+        # Starting a DataLoader iterator draws from the global RNG: validating must not shift training's random
+        # streams, or a run validated at other epochs (e.g. resumed) would diverge from an uninterrupted one.
+        state = rng_state()
+        try:
+            rows = evaluate_heads(model, loader, self.heads, self.device, self.amp_autocast,
+                                  distributed=self.args.distributed)
+        finally:
+            set_rng_state(state)
         metrics = OrderedDict()
         for row in rows:
             for name in ('loss', 'top1', 'top5'):
