@@ -173,9 +173,6 @@ def test_time_calls_counts_and_budget():
     assert len(times) == 7 and len(calls) == 10 and all(t >= 0 for t in times)
     times = throughput.time_calls(lambda: None, torch.device('cpu'), warmup=0, iters=1, budget_s=0.02)
     assert len(times) > 1  # the budget, not the count, decides
-    values = [5., 1., 3., 2., 4., 10.]
-    for q in (0, 50, 90, 100):
-        assert throughput.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
 # --- validate_macs.py --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import statistics
 import time
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 
 from ..export import export_subnetwork
@@ -56,15 +57,6 @@ def _time_one(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def percentile(values: List[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
     """Latency (batch 1) and throughput (the whole ``batch``) of the k-head subnetwork."""
     args, device = session.args, session.device
@@ -82,7 +74,7 @@ def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
         'heads': k,
         'batch_size': batch.shape[0],
         'latency_ms_median': statistics.median(latency),
-        'latency_ms_p90': percentile(latency, 90),
+        'latency_ms_p90': float(np.percentile(latency, 90)),
         'throughput': batch.shape[0] * len(batch_times) / (sum(batch_times) / 1e3),
     }
 
