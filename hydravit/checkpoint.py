@@ -6,7 +6,7 @@ or a ``.safetensors`` file. Pickled files are opened with ``torch.load(weights_o
 import argparse
 import os
 from pathlib import Path
-from typing import Dict, Union
+from typing import Callable, Dict, Union
 
 import torch
 import torch.nn as nn
@@ -82,12 +82,17 @@ def load_model_weights(model: nn.Module, path: PathLike, use_ema: bool = False) 
     return checkpoint
 
 
-def atomic_torch_save(obj, path: PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename: ``path`` is never left half-written."""
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename: ``path`` is never left half-written."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path: PathLike) -> None:
+    """``torch.save`` that never leaves ``path`` half-written."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

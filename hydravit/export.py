@@ -5,7 +5,6 @@ dimension", except for the fused qkv projection whose rows hold q, k and v block
 ``embed_dim`` each: there the leading slice is taken inside each block.
 """
 import json
-import os
 from pathlib import Path
 from typing import Dict, Sequence, Union
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
+from .checkpoint import atomic_write
 from .model import HydraViT
 
 # A stock timm entry point that builds a plain VisionTransformer from kwargs (all overridden).
@@ -85,15 +85,9 @@ def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
         'pretrained_cfg': pretrained_cfg,
         'hydravit': {'heads': k, 'source_heads': model.num_heads},
     }
-    _atomic_write(out_dir / 'model.safetensors', lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
-    _atomic_write(out_dir / 'config.json', lambda p: p.write_text(json.dumps(config, indent=2) + '\n'))
+    atomic_write(out_dir / 'model.safetensors', lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
+    atomic_write(out_dir / 'config.json', lambda p: p.write_text(json.dumps(config, indent=2) + '\n'))
     return out_dir
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _check_heads(model: HydraViT, k: int) -> None:

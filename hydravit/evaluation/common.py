@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 
+from ..checkpoint import atomic_write
 from ..cli import add_model_args, create_model_from_args, resolve_heads
 from ..model import HydraViT
 
@@ -141,8 +142,6 @@ def _select_heads(args, model: HydraViT, checkpoint: Optional[dict], all_heads: 
         return runnable_heads(model)  # every k, or every k that has a classifier
     try:
         heads = resolve_heads(args, model, checkpoint)
-        for k in heads:  # separate classifiers exist for some head counts only
-            model.set_heads(k)
     except ValueError as e:
         raise UsageError(str(e) if str(e).startswith(('--heads', 'checkpoint')) else f'--heads: {e}') from e
     return heads
@@ -195,16 +194,17 @@ def write_results(rows: Sequence[Row], path, keys: Optional[Sequence[str]] = Non
     path = Path(path)
     keys = list(keys or rows[0].keys())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'w', newline='') as f:
-        if path.suffix.lower() == '.csv':
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            json.dump([{key: row.get(key) for key in keys} for row in rows], f, indent=4)
-            f.write('\n')
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, 'w', newline='') as f:
+            if path.suffix.lower() == '.csv':
+                writer = csv.DictWriter(f, fieldnames=keys, extrasaction='ignore')
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                json.dump([{key: row.get(key) for key in keys} for row in rows], f, indent=4)
+                f.write('\n')
+    atomic_write(path, write)
     return path
 
 
