@@ -93,7 +93,12 @@ def _classifier_kwargs(state_dict: dict) -> dict:
 
 
 def resolve_heads(args: argparse.Namespace, model, checkpoint: Optional[dict]) -> List[int]:
-    """``--heads`` validated against ``model``, or the default head set."""
-    if args.heads is None:
-        return default_heads(model.num_heads, checkpoint)
-    return parse_heads(args.heads, model.num_heads)
+    """``--heads`` (or the default head set) checked against ``model``: range, duplicates, and, for the
+    separate-classifiers variant, that each k has a classifier. The active head count is left as it was."""
+    heads = default_heads(model.num_heads, checkpoint) if args.heads is None else parse_heads(args.heads,
+                                                                                              model.num_heads)
+    current = model.active_heads
+    for k in heads:
+        model.set_heads(k)  # raises ValueError with the model's own message
+    model.set_heads(current)
+    return heads

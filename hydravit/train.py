@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import model as _model  # noqa: F401  registers the hydravit models with timm
 from .checkpoint import atomic_torch_save, check_state_dict_matches, extract_state_dict, load_checkpoint_file
-from .cli import default_heads, parse_heads
+from .cli import resolve_heads
 from .data import check_data_dir, create_datasets, create_loaders, mixup_args
 from .evaluation.accuracy import evaluate_heads
 from .export import leading_slice
@@ -185,12 +185,7 @@ def create_train_model(args: argparse.Namespace) -> nn.Module:
 def resolve_train_heads(args: argparse.Namespace, model: nn.Module, checkpoint: Optional[dict]) -> List[int]:
     """--heads checked against the model (range, duplicates, separate classifiers), or the default set."""
     try:
-        heads = default_heads(model.num_heads, checkpoint) if args.heads is None else parse_heads(
-            args.heads, model.num_heads, flag='--heads')
-        current = model.active_heads
-        for k in heads:
-            model.set_heads(k)
-        model.set_heads(current)
+        heads = resolve_heads(args, model, checkpoint)
     except ValueError as e:
         raise ConfigError(e if str(e).startswith('--heads') else f'--heads: {e}') from e
     return heads
