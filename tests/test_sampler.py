@@ -4,7 +4,7 @@ import collections
 import pytest
 import torch
 
-from hydravit.sampler import HeadSampler, normalize_weights
+from hydravit.training.sampler import HeadSampler, normalize_weights
 
 DRAWS = 20000
 

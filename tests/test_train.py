@@ -17,8 +17,9 @@ from timm.models import VisionTransformer
 import hydravit  # noqa: F401  registers the models
 from hydravit.checkpoint import load_checkpoint_file
 from hydravit.export import subnetwork_state_dict
-from hydravit.train import load_initial_checkpoint, main
-from hydravit.train_config import ConfigError, parse_args
+from hydravit.training.builders import load_initial_checkpoint
+from hydravit.training.config import ConfigError, parse_args
+from hydravit.training.loop import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'hydravit_dyn_patch4_32'
@@ -293,19 +294,17 @@ def test_two_process_torchrun_gloo(data_dir, tmp_path):
 
 
 # --- DDP head policy (no processes needed: every rank runs the same sampler) --------------------------------
-def _ranks_draws(shared: bool, world_size: int = 4, steps: int = 200) -> list:
-    """The k each rank trains at each step, simulating the ranks with identically seeded samplers."""
-    from types import SimpleNamespace
-
-    from hydravit.sampler import HeadSampler
-    from hydravit.train import Trainer
+def _ranks_draws(shared: bool, world_size: int = 4, steps: int = 200, num_subnets: int = 1,
+                 policy: str = 'random') -> list:
+    """The head set each rank trains at each step, simulating the ranks with identically seeded samplers."""
+    from hydravit.training.objective import StepObjective
+    from hydravit.training.sampler import HeadSampler
     per_rank = []
     for rank in range(world_size):
-        module = timm.create_model(MODEL, num_classes=2)
-        fake = SimpleNamespace(sampler=HeadSampler(range(3, 13), seed=11), module=module,
-                               args=SimpleNamespace(world_size=world_size, rank=rank, shared_heads=shared))
-        per_rank.append([Trainer._draw_heads(fake) for _ in range(steps)])
-        assert module.active_heads == per_rank[-1][-1]
+        objective = StepObjective(HeadSampler(range(3, 13), seed=11), torch.nn.CrossEntropyLoss(),
+                                  num_subnets=num_subnets, policy=policy, shared_heads=shared,
+                                  world_size=world_size, rank=rank)
+        per_rank.append([tuple(objective.draw(epoch=0)) for _ in range(steps)])
     return list(zip(*per_rank, strict=True))
 
 
@@ -316,3 +315,8 @@ def test_shared_heads_gives_every_rank_the_same_k():
 def test_per_rank_heads_differ_between_ranks():
     steps = _ranks_draws(shared=False)
     assert sum(len(set(step)) > 1 for step in steps) > len(steps) // 2
+
+
+def test_multi_subnet_steps_are_the_same_on_every_rank():
+    steps = _ranks_draws(shared=False, num_subnets=3, policy='sandwich')
+    assert all(len(set(step)) == 1 and len(step[0]) == 3 for step in steps)

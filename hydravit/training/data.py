@@ -8,7 +8,7 @@ from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 from timm.data.dataset_factory import _search_split
 from timm.data.readers.reader_image_folder import find_images_and_targets
 
-from .train_config import ConfigError
+from .config import ConfigError
 
 
 def _split_root(root: str, split: str) -> str:
@@ -87,3 +87,13 @@ def create_loaders(args: argparse.Namespace, dataset_train, dataset_val, data_co
             dataset_val, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
             interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
     return loader_train, loader_val, mixup_fn
+
+
+def disable_mixup_after(args: argparse.Namespace, epoch: int, loader, mixup_fn) -> None:
+    """timm's ``--mixup-off-epoch``: from that epoch on, train on unmixed batches."""
+    if not args.mixup_off_epoch or epoch < args.mixup_off_epoch:
+        return
+    if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+        loader.mixup_enabled = False
+    elif mixup_fn is not None:
+        mixup_fn.mixup_enabled = False

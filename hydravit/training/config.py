@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from .sampler import normalize_weights
+from .objective import KD_CHAINS, TEACHER_KD
+from .sampler import SUBNET_POLICIES, normalize_weights
 
 _logger = logging.getLogger('train')
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(parser)
     _add_model_args(parser)
     _add_hydra_args(parser)
+    _add_step_args(parser)
     _add_device_args(parser)
     _add_optimizer_args(parser)
     _add_schedule_args(parser)
@@ -123,6 +125,33 @@ def _add_hydra_args(parser: argparse.ArgumentParser) -> None:
                        help='--initial-checkpoint is a narrower ViT (e.g. DeiT-Tiny): copy it into the leading slices')
     group.add_argument('--eval-interval', type=int, default=1, metavar='N',
                        help='validate every N epochs (and always after the last one)')
+
+
+def _add_step_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Subnetworks per step and distillation (see docs/training.md)')
+    group.add_argument('--subnets-per-step', type=int, default=1, metavar='N',
+                       help='distinct head counts trained per optimizer step, gradients summed (default: 1, the paper)')
+    group.add_argument('--subnet-policy', default='random', choices=SUBNET_POLICIES,
+                       help='random: N weighted draws; sandwich: largest + smallest + N-2 draws; stratified: '
+                            'largest + smallest + one draw from each of N-2 strata (default: random)')
+    group.add_argument('--inplace-kd', action='store_true', default=False,
+                       help='every subnetwork of a step but the largest also learns from a larger one\'s logits')
+    group.add_argument('--kd-chain', default='largest', choices=KD_CHAINS,
+                       help='in-place KD teacher: the largest subnetwork of the step, or the next larger one')
+    group.add_argument('--kd-alpha', type=float, default=0.5, metavar='A',
+                       help='loss = (1 - A) * CE + A * KD for distilled subnetworks (default: 0.5)')
+    group.add_argument('--kd-temperature', type=float, default=1.0, metavar='T', help='soft KD temperature')
+    group.add_argument('--teacher', default='', type=str, metavar='MODEL', help='external teacher: a timm model name')
+    group.add_argument('--teacher-checkpoint', default='', type=str, metavar='FILE',
+                       help='teacher weights (local file, read weights-only and strictly)')
+    group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='create_model kwargs of the teacher, e.g. num_classes=10')
+    group.add_argument('--teacher-heads', type=int, default=None, metavar='K',
+                       help='run a HydraViT teacher at K heads (default: its active head count, all heads)')
+    group.add_argument('--teacher-kd', default='soft', choices=TEACHER_KD,
+                       help="soft: KL on tempered softmax; hard: DeiT's CE with the teacher's argmax")
+    group.add_argument('--full-warmup-epochs', type=int, default=0, metavar='E',
+                       help='the first E epochs train only the largest head count of --heads')
 
 
 def _add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +361,7 @@ def check_static_args(args: argparse.Namespace) -> None:
     if args.init_slices and not args.initial_checkpoint:
         raise ConfigError('--init-slices: needs --initial-checkpoint')
     check_eval_metric(args.eval_metric, args.heads)
+    check_step_args(args)
     if not (args.data or args.data_dir):
         raise ConfigError('--data-dir: give the dataset folder (positional DIR or --data-dir)')
     for key in ('lr', 'lr_base', 'weight_decay', 'smoothing', 'mixup', 'cutmix', 'reprob', 'drop'):
@@ -348,3 +378,26 @@ def check_eval_metric(metric: str, heads: Optional[List[int]]) -> None:
         return
     raise ConfigError(f'--eval-metric: one of {", ".join(EVAL_METRICS)} (mean over --heads) or NAME_kK '
                       f'with K in --heads (e.g. top1_k12), got {metric!r}')
+
+
+def check_step_args(args: argparse.Namespace) -> None:
+    """Subnetworks-per-step and distillation flags that contradict each other or are out of range."""
+    if args.subnets_per_step < 1:
+        raise ConfigError(f'--subnets-per-step: must be >= 1, got {args.subnets_per_step}')
+    if args.subnet_policy != 'random' and args.subnets_per_step < 2:
+        raise ConfigError(f'--subnet-policy {args.subnet_policy}: needs --subnets-per-step >= 2 (the largest and '
+                          f'the smallest head count every step)')
+    if not (math.isfinite(args.kd_alpha) and 0.0 <= args.kd_alpha <= 1.0):
+        raise ConfigError(f'--kd-alpha: must be in [0, 1], got {args.kd_alpha}')
+    if not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0):
+        raise ConfigError(f'--kd-temperature: must be > 0, got {args.kd_temperature}')
+    if args.full_warmup_epochs < 0:
+        raise ConfigError(f'--full-warmup-epochs: must be >= 0, got {args.full_warmup_epochs}')
+    if args.inplace_kd and args.subnets_per_step < 2 and not args.teacher:
+        raise ConfigError('--inplace-kd: needs --subnets-per-step >= 2 (a larger subnetwork in the step to learn '
+                          'from) or a --teacher')
+    if args.teacher and not args.teacher_checkpoint:
+        raise ConfigError('--teacher-checkpoint: required with --teacher (a local weights file)')
+    for key in ('teacher_checkpoint', 'teacher_kwargs', 'teacher_heads'):
+        if getattr(args, key) and not args.teacher:
+            raise ConfigError(f'--{key.replace("_", "-")}: given without --teacher')

@@ -12,7 +12,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ['HeadSampler', 'normalize_weights']
+__all__ = ['HeadSampler', 'SUBNET_POLICIES', 'normalize_weights', 'split_strata']
+
+SUBNET_POLICIES = ('random', 'sandwich', 'stratified')
 
 
 def normalize_weights(weights: Optional[Sequence[float]], num_choices: int, flag: str = '--weights') -> List[float]:
@@ -59,6 +61,60 @@ class HeadSampler:
         idx = torch.multinomial(self._probs_tensor, num, replacement=True, generator=self.generator).tolist()
         return [self.heads[i] for i in idx]
 
+    def sample_distinct(self, candidates: Sequence[int], num: int) -> List[int]:
+        """``num`` distinct head counts from ``candidates`` (a subset of ``heads``), weighted by their
+        probabilities: successive draws without replacement (``check_step`` ensures enough positive weights)."""
+        if num <= 0:
+            return []
+        probs = torch.tensor([self.probs[self.heads.index(k)] for k in candidates], dtype=torch.float64)
+        idx = torch.multinomial(probs, num, replacement=False, generator=self.generator).tolist()
+        return [candidates[i] for i in idx]
+
+    def draw_step(self, num_subnets: int, policy: str) -> List[int]:
+        """The head counts of one multi-subnetwork step, distinct and largest first (the same on every rank).
+
+        ``random``: ``num_subnets`` weighted draws without replacement. ``sandwich``: the largest and the
+        smallest head count plus ``num_subnets - 2`` weighted draws from the others (US-Nets' sandwich rule).
+        ``stratified``: the largest and the smallest plus one weighted draw from each of ``num_subnets - 2``
+        equal-size strata of the others (Scala's stable sampling).
+        """
+        if policy == 'random':
+            drawn = self.sample_distinct(self.heads, num_subnets)
+        else:
+            ends = [max(self.heads), min(self.heads)][:num_subnets]
+            middle = sorted(k for k in self.heads if k not in ends)
+            if policy == 'sandwich':
+                drawn = ends + self.sample_distinct(middle, num_subnets - len(ends))
+            elif policy == 'stratified':
+                drawn = ends + [self.sample_distinct(stratum, 1)[0]
+                                for stratum in split_strata(middle, num_subnets - len(ends))]
+            else:
+                raise ValueError(f'--subnet-policy: one of {", ".join(SUBNET_POLICIES)}, got {policy!r}')
+        return sorted(drawn, reverse=True)
+
+    def check_step(self, num_subnets: int, policy: str) -> None:
+        """Raise ValueError, naming the flag, when ``draw_step(num_subnets, policy)`` cannot be drawn."""
+        if policy not in SUBNET_POLICIES:
+            raise ValueError(f'--subnet-policy: one of {", ".join(SUBNET_POLICIES)}, got {policy!r}')
+        if num_subnets < 1:
+            raise ValueError(f'--subnets-per-step: must be >= 1, got {num_subnets}')
+        if num_subnets > len(self.heads):
+            raise ValueError(f'--subnets-per-step: {num_subnets} distinct subnetworks per step, but --heads has '
+                             f'only {len(self.heads)} head counts')
+        if policy != 'random' and num_subnets < 2:
+            raise ValueError(f'--subnet-policy {policy}: needs --subnets-per-step >= 2 (the largest and the '
+                             f'smallest head count every step)')
+        positive = {k for k, p in zip(self.heads, self.probs, strict=True) if p > 0}
+        ends = {max(self.heads), min(self.heads)}
+        pools = ([self.heads] if policy == 'random' else
+                 [[k for k in self.heads if k not in ends]] if policy == 'sandwich' else
+                 split_strata(sorted(k for k in self.heads if k not in ends), num_subnets - 2))
+        draws = [num_subnets] if policy == 'random' else [num_subnets - 2] if policy == 'sandwich' else [1] * len(pools)
+        for pool, num in zip(pools, draws, strict=True):
+            if sum(k in positive for k in pool) < num:
+                raise ValueError(f'--weights: --subnet-policy {policy} draws {num} distinct head count(s) from '
+                                 f'{sorted(pool)}, but fewer have a positive weight')
+
     def record(self, ks: Sequence[int]) -> None:
         """Count head counts that were actually trained (for the histogram)."""
         for k in ks:
@@ -92,3 +148,18 @@ class HeadSampler:
     def __repr__(self) -> str:
         pairs = ', '.join(f'{k}: {p:.3f}' for k, p in zip(self.heads, self.probs, strict=True))
         return f'HeadSampler({{{pairs}}})'
+
+
+def split_strata(values: Sequence[int], num: int) -> List[List[int]]:
+    """``values`` (sorted) cut into ``num`` contiguous strata whose sizes differ by at most one."""
+    if num <= 0:
+        return []
+    if num > len(values):
+        raise ValueError(f'cannot split {len(values)} head counts into {num} strata')
+    base, extra = divmod(len(values), num)
+    strata, start = [], 0
+    for i in range(num):
+        size = base + (1 if i < extra else 0)
+        strata.append(list(values[start:start + size]))
+        start += size
+    return strata

@@ -1,0 +1,213 @@
+"""Building what a run needs from its arguments: model, initial weights, device, loss, AMP, learning rate."""
+import argparse
+import logging
+import os
+from contextlib import nullcontext
+from functools import partial
+from typing import Dict, List, Optional
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm import utils
+from timm.layers import set_fast_norm
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import model as _model  # noqa: F401  registers the hydravit models with timm
+from ..checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file
+from ..cli import resolve_heads
+from ..export import leading_slice
+from .config import ConfigError
+from .data import mixup_args
+
+_logger = logging.getLogger('train')
+
+
+def create_train_model(args: argparse.Namespace) -> nn.Module:
+    if not timm.is_model(args.model):
+        raise ConfigError(f'--model: unknown model {args.model!r}')
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    kwargs = dict(num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                  global_pool=args.gp, in_chans=in_chans, **args.model_kwargs)
+    if args.img_size is not None:
+        kwargs['img_size'] = args.img_size
+    if args.drop_connect is not None and args.drop_path is None:
+        kwargs['drop_path_rate'] = args.drop_connect
+    try:
+        model = timm.create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'--model {args.model}: cannot build it with these arguments: {e}') from e
+    if not hasattr(model, 'set_heads'):
+        raise ConfigError(f'--model: {args.model} is not a HydraViT model (it has no set_heads)')
+    if args.head_init_scale is not None or args.head_init_bias is not None:
+        for m in model.head.modules():
+            if isinstance(m, nn.Linear):
+                with torch.no_grad():
+                    if args.head_init_scale is not None:
+                        m.weight.mul_(args.head_init_scale)
+                        m.bias.mul_(args.head_init_scale)
+                    if args.head_init_bias is not None:
+                        m.bias.fill_(args.head_init_bias)
+    return model
+
+
+def resolve_train_heads(args: argparse.Namespace, model: nn.Module, checkpoint: Optional[dict]) -> List[int]:
+    """--heads checked against the model (range, duplicates, separate classifiers), or the default set."""
+    try:
+        heads = resolve_heads(args, model, checkpoint)
+    except ValueError as e:
+        raise ConfigError(e if str(e).startswith('--heads') else f'--heads: {e}') from e
+    return heads
+
+
+def _split_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str) -> Dict[str, torch.Tensor]:
+    """Drop classifier tensors made for another number of classes (fine-tuning keeps a fresh head)."""
+    expected = model.state_dict()
+    dropped = [n for n, t in state_dict.items()
+               if n.startswith('head.') and n in expected and expected[n].shape[0] != t.shape[0]]
+    if dropped:
+        _logger.warning(f'{source}: classifier shape differs from --num-classes, keeping a fresh head ({dropped})')
+    return {n: t for n, t in state_dict.items() if n not in dropped}
+
+
+def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool) -> None:
+    """Full-size weights strictly (classifier excepted), or with ``init_slices`` a narrower ViT into the leading
+    slices of every tensor (same head_dim: e.g. DeiT-Tiny, 3 heads x 64, into hydravit_dyn_patch16_224)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'--initial-checkpoint: file not found: {path}')
+    try:
+        state_dict = extract_state_dict(load_checkpoint_file(path), source=path)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f'--initial-checkpoint: {e}') from e
+    state_dict = _split_classifier(state_dict, model, path)
+    expected = model.state_dict()
+    if not init_slices:
+        kept = dict(state_dict)
+        for n in expected:  # a dropped classifier keeps its fresh init
+            if n.startswith('head.') and n not in kept:
+                kept[n] = expected[n]
+        try:
+            check_state_dict_matches(model, kept, source=path)
+        except ValueError as e:
+            raise ConfigError(f'--initial-checkpoint: {e}\n(for a narrower ViT such as DeiT-Tiny add --init-slices)'
+                              ) from e
+        model.load_state_dict(kept, strict=True)
+        return
+    _load_leading_slices(model, state_dict, path)
+
+
+def _load_leading_slices(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(n for n in expected if n not in state_dict and not n.startswith('head.'))
+    unexpected = sorted(n for n in state_dict if n not in expected)
+    if missing or unexpected:
+        raise ConfigError(f'--initial-checkpoint: {path} is not a ViT of this layout; '
+                          f'missing {missing[:8]}, unexpected {unexpected[:8]}')
+    width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
+    if width is not None and width % model.head_dim:
+        raise ConfigError(f'--init-slices: embed dim {width} of {path} is not a multiple of head_dim '
+                          f'{model.head_dim}')
+    with torch.no_grad():
+        for name, small in state_dict.items():
+            try:
+                target = leading_slice(name, expected[name], small.shape)
+            except ValueError as e:
+                raise ConfigError(f'--init-slices: {e}') from e
+            target.copy_(small.reshape(target.shape))
+    _logger.info(f'Initialized the leading {width} channels ({(width or 0) // model.head_dim} heads) from {path}')
+
+
+def resolve_lr(args: argparse.Namespace) -> None:
+    """timm's rule: --lr wins, else lr_base scaled by the global batch size (linear, or sqrt for adaptive opts)."""
+    if args.lr:
+        return
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+    if utils.is_primary(args):
+        _logger.info(f'Learning rate {args.lr:.3g} from lr_base {args.lr_base} and global batch size {global_batch} '
+                     f'({scale} scaling)')
+
+
+def create_train_loss(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    if mixup_args(args) is not None:
+        train = BinaryCrossEntropy(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                                   pos_weight=args.bce_pos_weight) if args.bce_loss else SoftTargetCrossEntropy()
+    elif args.bce_loss:
+        train = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh,
+                                   sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    elif args.smoothing:
+        train = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train = nn.CrossEntropyLoss()
+    return train.to(device)  # validation: plain cross-entropy in hydravit.evaluation
+
+
+def create_amp(args: argparse.Namespace, device: torch.device):
+    """(autocast context factory, loss scaler or None). GradScaler only for float16."""
+    if not args.amp:
+        return nullcontext, None
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    scaler = utils.NativeScaler(device=device.type) if dtype == torch.float16 else None
+    if utils.is_primary(args):
+        _logger.info(f'AMP: torch.autocast({device.type}, {args.amp_dtype}), GradScaler: {scaler is not None}')
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """CUDA if available else CPU; torchrun env -> process group (nccl on CUDA, gloo on CPU); per-rank seeds."""
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    args.prefetcher = not args.no_prefetcher
+    device = utils.init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Process {args.rank}/{args.world_size} on {device} '
+                     f'({dist.get_backend()}; heads {"shared" if args.shared_heads else "per rank"})')
+    elif utils.is_primary(args):
+        _logger.info(f'Training with a single process on {device}')
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    utils.random_seed(args.seed, args.rank)  # per-rank augmentation / dropout streams
+    if args.fast_norm:
+        set_fast_norm()
+    return device
+
+
+def create_model_ema(args: argparse.Namespace, model: nn.Module) -> Optional[utils.ModelEmaV3]:
+    if not args.model_ema:
+        return None
+    return utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                            device='cpu' if args.model_ema_force_cpu else None)
+
+
+def wrap_ddp(args: argparse.Namespace, model: nn.Module, device: torch.device) -> nn.Module:
+    if not args.distributed:
+        return model
+    # separate classifiers: each step uses one of them, the others get no gradient
+    ddp_kwargs = dict(find_unused_parameters=bool(getattr(model, 'separate_classifiers', None)))
+    if args.no_ddp_bb:
+        ddp_kwargs['broadcast_buffers'] = False
+    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
+
+
+def check_dataset_classes(args: argparse.Namespace, dataset) -> None:
+    num_dataset_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', {}) or {})
+    if num_dataset_classes > args.num_classes:
+        raise ConfigError(f'--num-classes: the dataset has {num_dataset_classes} classes but the model '
+                          f'{args.num_classes}; pass --num-classes {num_dataset_classes}')
+
+
+def describe_step(args: argparse.Namespace) -> str:
+    """One line on what a step trains, for the run's first log lines."""
+    parts = [f'{args.subnets_per_step} subnetwork(s) per step'
+             + (f' ({args.subnet_policy})' if args.subnets_per_step > 1 else '')]
+    if args.inplace_kd:
+        parts.append(f'in-place KD ({args.kd_chain}, alpha {args.kd_alpha}, tau {args.kd_temperature})')
+    if args.teacher:
+        parts.append(f'teacher {args.teacher} ({args.teacher_kd} KD from {args.teacher_checkpoint})')
+    if args.full_warmup_epochs:
+        parts.append(f'{args.full_warmup_epochs} full-width warm-up epoch(s)')
+    return ', '.join(parts)

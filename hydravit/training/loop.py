@@ -1,0 +1,433 @@
+"""HydraViT training loop: epochs, optimizer steps, validation, checkpoints and logs.
+
+What one optimizer step computes (which subnetworks, which losses, the teacher) is ``objective.StepObjective``;
+this module runs it. Built on timm's library APIs (data, Mixup/CutMix, optimizer and scheduler factories,
+ModelEmaV3, CheckpointSaver, losses); argument names follow timm's ``train.py``. Run
+``python -m hydravit.train --help``, or ``./distributed_train.sh NPROC DATA_DIR ...`` for torchrun.
+See docs/training.md.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from datetime import datetime
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm import utils
+from timm.data import resolve_data_config
+from timm.models import model_parameters, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from torch.nn.parallel import DistributedDataParallel
+
+from ..evaluation.accuracy import evaluate_heads
+from .builders import (
+    check_dataset_classes,
+    create_amp,
+    create_model_ema,
+    create_train_loss,
+    create_train_model,
+    describe_step,
+    load_initial_checkpoint,
+    resolve_lr,
+    resolve_train_heads,
+    setup_device,
+    wrap_ddp,
+)
+from .checkpointing import (
+    AtomicCheckpointSaver,
+    gather_rng_states,
+    load_nested_states,
+    load_resume_checkpoint,
+    load_resume_weights,
+    plain_state,
+    restore_rng,
+    restore_training_state,
+    resume_position,
+    rng_state,
+    set_rng_state,
+)
+from .config import ConfigError, check_eval_metric, parse_args
+from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after
+from .objective import StepLosses, StepObjective, no_sync_unless
+from .report import EpochMeters, format_final_table, format_seconds, format_table, summary_keys
+from .sampler import HeadSampler
+from .teacher import create_teacher
+
+_logger = logging.getLogger('train')
+PROG = 'python -m hydravit.train'
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf."""
+
+# --- one training epoch -------------------------------------------------------------------------------------
+class Trainer:
+    """State shared by the epoch and validation loops. What a step computes is ``objective``'s business."""
+
+    def __init__(self, args, model, model_ema, optimizer, loss_scaler, lr_scheduler, objective: StepObjective,
+                 amp_autocast, device, heads, num_epochs):
+        self.args = args
+        self.model = model  # possibly DDP-wrapped
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.model_ema = model_ema
+        self.optimizer = optimizer
+        self.loss_scaler = loss_scaler
+        self.lr_scheduler = lr_scheduler
+        self.objective = objective
+        self.sampler = objective.sampler
+        self.saver = None  # set on the primary rank by create_output
+        self.amp_autocast = amp_autocast
+        self.device = device
+        self.heads = heads
+        self.num_epochs = num_epochs
+        self.run_start = time.time()
+        self.epoch_rng: Optional[List[dict]] = None  # every rank's RNG states at the start of this epoch
+        self.position: dict = {}  # RNG states (and mid-epoch position) of the checkpoint being written
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds beyond model/EMA/optimizer/scaler: enough for an exact resume."""
+        return {
+            'heads': list(self.heads),
+            'sampler': self.sampler.state_dict(),
+            'scheduler': plain_state(self.lr_scheduler.state_dict()) if self.lr_scheduler else None,
+            'world_size': self.args.world_size,
+            **self.position,
+        }
+
+    def save_checkpoint(self, epoch: int, metric: Optional[float]):
+        """End-of-epoch checkpoint (a collective in DDP). Returns (best_metric, best_epoch)."""
+        self.position = {'rng_state': gather_rng_states(self.args)}
+        if self.saver is None:
+            return None, None
+        return self.saver.save_checkpoint(epoch, metric=metric)
+
+    def _check_finite(self, losses: StepLosses, epoch: int, update_idx: int) -> None:
+        bad = (~torch.isfinite(losses.total)).float()
+        if self.args.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise NonFiniteLossError(f'loss is {losses.total.item()} at epoch {epoch}, update {update_idx} '
+                                     f'(k={losses.heads})')
+
+    def train_one_epoch(self, epoch: int, loader, mixup_fn, skip_updates: int = 0,
+                        resume_rng: Optional[List[dict]] = None) -> Dict[str, float]:
+        args, model = self.args, self.model
+        disable_mixup_after(args, epoch, loader, mixup_fn)
+        accum_steps = args.grad_accum_steps
+        num_batches = len(loader)
+        updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+        num_updates = epoch * updates_per_epoch + skip_updates
+        meters = EpochMeters()
+        model.train()
+        self.optimizer.zero_grad()
+        update_start = time.time()
+        update_samples, losses, heads = 0, None, []
+        sync = no_sync_unless(model)
+        for batch_idx, (input, target) in enumerate(loader):
+            update_idx = batch_idx // accum_steps
+            if update_idx < skip_updates:  # fast-forward a resumed epoch: same data, no compute
+                if batch_idx == skip_updates * accum_steps - 1 and resume_rng is not None:
+                    set_rng_state(resume_rng[args.rank if len(resume_rng) == args.world_size else 0])
+                    update_start = time.time()
+                continue
+            window = min(accum_steps, num_batches - update_idx * accum_steps)  # last window may be short
+            need_update = (batch_idx + 1) % accum_steps == 0 or batch_idx == num_batches - 1
+            if batch_idx % accum_steps == 0:
+                heads = self.objective.draw(epoch)  # one head set per optimizer step (see docs/training.md)
+                losses = StepLosses.zeros(self.device)
+            if not args.prefetcher:
+                input, target = input.to(self.device), target.to(self.device)
+                if mixup_fn is not None:
+                    input, target = mixup_fn(input, target)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            self.objective.micro_batch(model, input, target, heads, self.amp_autocast, self._backward, sync,
+                                       last_micro_batch=need_update, divisor=window, losses=losses)
+            update_samples += input.size(0)
+            if not need_update:
+                continue
+            self._check_finite(losses, epoch, update_idx)
+            self._step()
+            num_updates += 1
+            if self.model_ema is not None:
+                self.model_ema.update(self.module, step=num_updates)
+            if args.synchronize_step and self.device.type == 'cuda':
+                torch.cuda.synchronize()
+            meters.update(losses, update_samples, time.time() - update_start)
+            update_start = time.time()
+            if update_idx % args.log_interval == 0 or update_idx == updates_per_epoch - 1:
+                self._log_progress(epoch, update_idx, updates_per_epoch, meters, update_samples, heads)
+            if args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0 \
+                    and update_idx + 1 < updates_per_epoch:
+                self.save_recovery(epoch, update_idx + 1)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step_update(num_updates=num_updates, metric=meters.loss.avg)
+            update_samples = 0
+        if hasattr(self.optimizer, 'sync_lookahead'):
+            self.optimizer.sync_lookahead()
+        return meters.epoch_metrics(args, self.device)
+
+    def _backward(self, loss: torch.Tensor, need_update: bool) -> None:
+        args = self.args
+        second_order = getattr(self.optimizer, 'is_second_order', False)
+        if self.loss_scaler is not None:
+            # the scaler steps the optimizer itself when need_update (after unscale + clip)
+            clip_params = model_parameters(self.model, exclude_head='agc' in args.clip_mode)
+            self.loss_scaler(loss, self.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                             parameters=clip_params, create_graph=second_order, need_update=need_update)
+            return
+        loss.backward(create_graph=second_order)
+
+    def _step(self) -> None:
+        if self.loss_scaler is None:
+            if self.args.clip_grad is not None:
+                utils.dispatch_clip_grad(model_parameters(self.model, exclude_head='agc' in self.args.clip_mode),
+                                         value=self.args.clip_grad, mode=self.args.clip_mode)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def _log_progress(self, epoch, update_idx, updates_per_epoch, meters: 'EpochMeters', samples, heads) -> None:
+        if not utils.is_primary(self.args):
+            return
+        lrs = [g['lr'] for g in self.optimizer.param_groups]
+        per_update = meters.update_time.avg
+        left_epoch = per_update * (updates_per_epoch - update_idx - 1)
+        left_run = left_epoch + per_update * updates_per_epoch * (self.num_epochs - epoch - 1)
+        rate = samples * self.args.world_size / max(meters.update_time.val, 1e-9)
+        kd = f' (CE {meters.ce.avg:#.3g}, KD {meters.kd.avg:#.3g})' if self.objective.distills else ''
+        _logger.info(
+            f'Train: {epoch}/{self.num_epochs - 1} [{update_idx + 1:>4d}/{updates_per_epoch} '
+            f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+            f'Loss: {meters.loss.val:#.3g} ({meters.loss.avg:#.3g}){kd}  {rate:>7.1f} img/s  '
+            f'LR: {sum(lrs) / len(lrs):.3e}  k: {",".join(map(str, heads))}  '
+            f'ETA: epoch {format_seconds(left_epoch)}, run {format_seconds(left_run)}  '
+            f'k-hist: {self.sampler.format_histogram()}')
+
+    def save_recovery(self, epoch: int, updates_done: int) -> None:
+        """Mid-epoch checkpoint (a collective in DDP); resuming from it replays the epoch's data order."""
+        self.position = {'rng_state': gather_rng_states(self.args), 'epoch_rng_state': self.epoch_rng,
+                         'updates_done': updates_done}
+        if self.saver is not None:
+            self.saver.save_recovery(epoch, batch_idx=updates_done - 1)
+
+    # --- validation ---------------------------------------------------------------------------------------
+    def validate_heads(self, model: nn.Module, loader, label: str) -> Dict[str, float]:
+        """top-1/top-5/loss for every head count; keys loss_k3, top1_k3, ..., plus means top1/top5/loss."""
+        model.eval()
+        # Starting a DataLoader iterator draws from the global RNG: validating must not shift training's random
+        # streams, or a run validated at other epochs (e.g. resumed) would diverge from an uninterrupted one.
+        state = rng_state()
+        try:
+            rows = evaluate_heads(model, loader, self.heads, self.device, self.amp_autocast,
+                                  distributed=self.args.distributed)
+        finally:
+            set_rng_state(state)
+        metrics = OrderedDict()
+        for row in rows:
+            for name in ('loss', 'top1', 'top5'):
+                metrics[f'{name}_k{row["heads"]}'] = row[name]
+        for name in ('top1', 'top5', 'loss'):
+            metrics[name] = sum(row[name] for row in rows) / len(rows)
+        if utils.is_primary(self.args):
+            _logger.info(format_table(model, self.heads, metrics, label))
+        return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:  # keep the caller's logging (tests, notebooks) if configured
+        utils.setup_default_logging()
+    try:
+        args, args_text = parse_args(argv)
+        return train(args, args_text)
+    except ConfigError as e:
+        print(f'{PROG}: error: {e}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        _logger.error(f'Stopping: {e}. Nothing was saved for this epoch; the last good checkpoint is '
+                      f'last.pth.tar in the run folder. Lower --lr, set --clip-grad, or check the data.')
+        return 1
+
+
+def train(args: argparse.Namespace, args_text: str) -> int:
+    resume_ckpt, model, heads, sampler, teacher = prepare_run(args)  # all checks; nothing read or written yet
+    device = setup_device(args)
+    primary = utils.is_primary(args)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if primary:
+        _logger.info(f'Model {safe_model_name(args.model)}: {model.num_heads} heads x {model.head_dim}, '
+                     f'{sum(p.numel() for p in model.parameters()):,} params; training k in {heads} '
+                     f'with probabilities {[round(p, 4) for p in sampler.probs]}; {describe_step(args)}')
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    for net in (model, teacher):
+        if net is not None:
+            net.to(device=device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    resolve_lr(args)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    amp_autocast, loss_scaler = create_amp(args, device)
+    model_ema = create_model_ema(args, model)
+    if resume_ckpt is not None:
+        restore_training_state(args, resume_ckpt, optimizer, loss_scaler, model_ema, sampler)
+    model = wrap_ddp(args, model, device)
+
+    # data
+    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset_train, dataset_val = create_datasets(args, input_img_mode)
+    check_dataset_classes(args, dataset_train)
+    loader_train, loader_val, mixup_fn = create_loaders(args, dataset_train, dataset_val, data_config, device)
+    objective = create_objective(args, sampler, create_train_loss(args, device), teacher)
+    eval_metric = args.eval_metric if loader_val is not None else 'loss'
+    decreasing = eval_metric.startswith('loss')
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs, start_epoch, skip_updates = create_schedule(args, optimizer, updates_per_epoch,
+                                                                          resume_ckpt, decreasing)
+    trainer = Trainer(args, model, model_ema, optimizer, loss_scaler, lr_scheduler, objective, amp_autocast,
+                      device, heads, num_epochs)
+    output_dir = None
+    if primary:  # the first file written by the run
+        output_dir = create_output(args, args_text, data_config, trainer, resume_ckpt, decreasing, start_epoch)
+        _logger.info(f'Output: {output_dir}; {num_epochs} epochs of {updates_per_epoch} optimizer steps '
+                     f'(batch {args.batch_size} x {args.world_size} processes x {args.grad_accum_steps} accum)')
+    resume_rng = restore_rng(args, resume_ckpt, skip_updates)
+    validate_ema = model_ema is not None and not args.model_ema_force_cpu
+    return run_epochs(trainer, args, loader_train, loader_val, dataset_train, mixup_fn, start_epoch, skip_updates,
+                      resume_rng, output_dir, eval_metric, validate_ema)
+
+
+def prepare_run(args: argparse.Namespace):
+    """Every check that needs no data: (resume checkpoint, model with initial weights, heads, sampler, teacher)."""
+    args.data_dir = args.data_dir or args.data
+    resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
+    utils.random_seed(args.seed, 0)  # same initial weights on every rank and every run with this --seed
+    model = create_train_model(args)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    heads = resolve_train_heads(args, model, resume_ckpt)
+    check_eval_metric(args.eval_metric, heads)
+    sampler = HeadSampler(heads, args.weights, seed=args.seed)
+    try:
+        sampler.check_step(args.subnets_per_step, args.subnet_policy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    teacher = create_teacher(args, model.num_classes)
+    check_data_dir(args)
+    if args.drop_p != -1:
+        _logger.info('--drop-p is accepted for compatibility and has no effect: --heads sampling sets the width')
+    if args.initial_checkpoint:
+        load_initial_checkpoint(model, args.initial_checkpoint, args.init_slices)
+    if resume_ckpt is not None:
+        load_resume_weights(model, resume_ckpt, args.resume)
+    return resume_ckpt, model, heads, sampler, teacher
+
+
+def create_objective(args: argparse.Namespace, sampler: HeadSampler, base_loss: nn.Module,
+                     teacher: Optional[nn.Module]) -> StepObjective:
+    return StepObjective(
+        sampler, base_loss, num_subnets=args.subnets_per_step, policy=args.subnet_policy,
+        shared_heads=args.shared_heads, world_size=args.world_size, rank=args.rank, inplace_kd=args.inplace_kd,
+        kd_chain=args.kd_chain, kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, teacher=teacher,
+        teacher_kd=args.teacher_kd, full_warmup_epochs=args.full_warmup_epochs)
+
+
+def create_schedule(args, optimizer, updates_per_epoch: int, resume_ckpt: Optional[dict], decreasing: bool):
+    """(lr scheduler, number of epochs, start epoch, optimizer steps of it already done), positioned for a resume."""
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
+    start_epoch, skip_updates = 0, 0
+    if resume_ckpt is not None:
+        start_epoch, skip_updates = resume_position(resume_ckpt)
+        if resume_ckpt.get('scheduler') and not args.no_resume_opt:
+            load_nested_states(lr_scheduler, resume_ckpt['scheduler'])
+    if args.start_epoch is not None:
+        start_epoch, skip_updates = args.start_epoch, 0
+    if start_epoch > 0 or skip_updates:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch + skip_updates)
+        else:
+            lr_scheduler.step(start_epoch)
+    return lr_scheduler, num_epochs, start_epoch, skip_updates
+
+
+def create_output(args, args_text: str, data_config, trainer: 'Trainer', resume_ckpt, decreasing: bool,
+                  start_epoch: int) -> str:
+    """Run folder, args.yaml and the checkpoint saver (rank 0)."""
+    exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                             safe_model_name(args.model), str(data_config['input_size'][-1])])
+    output_dir = utils.get_outdir(args.output or './output/train', exp_name)
+    trainer.saver = AtomicCheckpointSaver(
+        model=trainer.model, optimizer=trainer.optimizer, args=args, model_ema=trainer.model_ema,
+        amp_scaler=trainer.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
+        max_history=args.checkpoint_hist, extra_state=trainer.checkpoint_state)
+    if resume_ckpt is not None and resume_ckpt.get('saver') and \
+            os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
+        trainer.saver.load_state_dict(resume_ckpt['saver'])  # keep ranking checkpoints of the same run
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        f.write(args_text)
+    utils.trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+    return output_dir
+
+
+def run_epochs(trainer: Trainer, args, loader_train, loader_val, dataset_train, mixup_fn, start_epoch: int,
+               skip_updates: int, resume_rng, output_dir, eval_metric: str, validate_ema: bool) -> int:
+    primary = utils.is_primary(args)
+    num_epochs = trainer.num_epochs
+    best_metric, best_epoch, final_metrics = None, None, None
+    keys = summary_keys(trainer.heads, validate_ema)
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if hasattr(dataset_train, 'set_epoch'):
+                dataset_train.set_epoch(epoch)
+            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            trainer.epoch_rng = gather_rng_states(args) if args.recovery_interval else None
+            epoch_start = time.time()
+            train_metrics = trainer.train_one_epoch(epoch, loader_train, mixup_fn, skip_updates, resume_rng)
+            skip_updates, resume_rng = 0, None
+            if primary:
+                _logger.info(f'Epoch {epoch} done in {format_seconds(time.time() - epoch_start)}; '
+                             f'k trained so far: {trainer.sampler.histogram()}')
+            eval_metrics, latest_metric = None, None
+            last = epoch == num_epochs - 1
+            if loader_val is not None and ((epoch + 1) % args.eval_interval == 0 or last):
+                eval_metrics = trainer.validate_heads(trainer.module, loader_val, f'model, epoch {epoch}')
+                ranking = eval_metrics
+                if validate_ema:
+                    ema_metrics = trainer.validate_heads(trainer.model_ema.module, loader_val, f'EMA, epoch {epoch}')
+                    eval_metrics.update(('ema_' + key, value) for key, value in ema_metrics.items())
+                    ranking = ema_metrics
+                latest_metric = ranking[eval_metric]
+                final_metrics = eval_metrics
+            elif loader_val is None:
+                latest_metric = train_metrics['loss']
+            if output_dir is not None:
+                lrs = [g['lr'] for g in trainer.optimizer.param_groups]
+                row = eval_metrics if eval_metrics is not None else {key: '' for key in keys}
+                utils.update_summary(epoch, train_metrics, row, filename=os.path.join(output_dir, 'summary.csv'),
+                                     lr=sum(lrs) / len(lrs))
+            best_metric, best_epoch = trainer.save_checkpoint(epoch, latest_metric)
+            if trainer.lr_scheduler is not None:
+                trainer.lr_scheduler.step(epoch + 1, latest_metric)
+    except KeyboardInterrupt:
+        if primary:
+            _logger.warning('Interrupted: the last complete checkpoint is last.pth.tar in the run folder')
+        return 130
+    if primary and final_metrics is not None:
+        _logger.info(format_final_table(trainer.module, trainer.heads, final_metrics))
+    if primary and best_metric is not None:
+        _logger.info(f'*** Best {eval_metric}: {best_metric:.4f} (epoch {best_epoch}); run took '
+                     f'{format_seconds(time.time() - trainer.run_start)}; checkpoints in {output_dir}')
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
