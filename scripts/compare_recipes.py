@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Training recipes against separately trained ViTs on the bundled digits, several seeds each; resumable.
+
+    python scripts/compare_recipes.py                      # every recipe x seeds 0 1 2, then the report
+    python scripts/compare_recipes.py --recipes paper_uniform sandwich_ikd --seeds 0
+    python scripts/compare_recipes.py --report-only        # tables and plot from the runs done so far
+    python scripts/compare_recipes.py --list               # the plan: recipes, flags, what is done
+
+Every (recipe, seed) is one ``python -m hydravit.train`` run of configs/digits.yaml plus the recipe's flags, in
+RUNS/RECIPE/seedS. A run that finished (``result.json``) is skipped; one that stopped part-way continues from its
+``last.pth.tar`` with ``--resume`` (exact), so the script can be killed and restarted at any time. After each
+run the report is rewritten: REPORT/comparison.csv (one row per run), REPORT/comparison.md (per-k mean +- std
+over seeds, model and EMA), REPORT/comparison.png (top-1 against k per recipe, with the dedicated ViTs).
+
+Compute: a recipe's cost is counted in subnetwork forward/backward passes (optimizer steps x subnetworks per
+step), read from the run's own head-sampler counts. Multi-subnetwork recipes at equal compute train for
+proportionally fewer epochs (``equal compute`` rows); ``equal epochs`` rows spend N times the compute.
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+from typing import List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = 'configs/digits.yaml'
+HEADS = list(range(3, 13))
+UNIFORM = ['--weights'] + ['1'] * len(HEADS)
+BASE_EPOCHS = 40  # configs/digits.yaml
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    flags: List[str] = field(default_factory=list)
+    epochs: int = BASE_EPOCHS
+    dedicated: Optional[int] = None  # a separately trained ViT of exactly this many heads
+    teacher: bool = False  # distils from the dedicated 12-head ViT of the same seed
+
+    def train_flags(self) -> List[str]:
+        flags = list(self.flags) + ['--epochs', str(self.epochs), '--eval-interval', str(self.epochs)]
+        if self.dedicated is not None:
+            k = self.dedicated
+            flags += ['--heads', str(k), '--weights', '1', '--model-kwargs', f'embed_dim={16 * k}', f'num_heads={k}']
+        return flags
+
+
+SANDWICH = ['--subnets-per-step', '4', '--subnet-policy', 'sandwich'] + UNIFORM
+RECIPES = {r.name: r for r in [
+    Recipe('dedicated_k12', 'separately trained ViT, 12 heads (the teacher of *_teacher)', dedicated=12),
+    Recipe('paper_uniform', 'paper: one k per step, uniform', UNIFORM),
+    Recipe('paper_weighted', 'paper: one k per step, weights ~ k (configs/digits.yaml, the demo)'),
+    Recipe('sandwich', 'sandwich, 4 subnetworks per step, equal compute', SANDWICH, epochs=BASE_EPOCHS // 4),
+    Recipe('sandwich_ikd', 'sandwich + in-place KD, 4 per step, equal compute', SANDWICH + ['--inplace-kd'],
+           epochs=BASE_EPOCHS // 4),
+    Recipe('sandwich_ikd_teacher', 'sandwich + in-place KD + dedicated 12-head ViT teacher, equal compute',
+           SANDWICH + ['--inplace-kd'], epochs=BASE_EPOCHS // 4, teacher=True),
+    Recipe('dedicated_k3', 'separately trained ViT, 3 heads', dedicated=3),
+    Recipe('dedicated_k6', 'separately trained ViT, 6 heads', dedicated=6),
+    Recipe('dedicated_k9', 'separately trained ViT, 9 heads', dedicated=9),
+    Recipe('sandwich_ikd_e40', 'sandwich + in-place KD, 4 per step, equal epochs (4x compute)',
+           SANDWICH + ['--inplace-kd'], epochs=BASE_EPOCHS),
+]}
+DEFAULT_RECIPES = [name for name in RECIPES if not name.endswith('_e40')]
+
+
+def run_dir(runs: Path, recipe: str, seed: int) -> Path:
+    return runs / recipe / f'seed{seed}'
+
+
+def teacher_file(runs: Path, seed: int) -> Path:
+    return run_dir(runs, 'dedicated_k12', seed) / 'teacher_ema.safetensors'
+
+
+def command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
+    out = run_dir(runs, recipe.name, seed)
+    cmd = [sys.executable, '-m', 'hydravit.train', str(data), '--config', CONFIG, '--device', 'cpu',
+           '--seed', str(seed), '--output', str(out.parent), '--experiment', out.name, '--checkpoint-hist', '1',
+           *recipe.train_flags()]
+    if recipe.teacher:
+        cmd += ['--teacher', 'hydravit_dyn_patch4_32', '--teacher-checkpoint', str(teacher_file(runs, seed)),
+                '--teacher-kwargs', 'num_classes=10', '--teacher-heads', '12']
+    if (out / 'last.pth.tar').is_file():
+        cmd += ['--resume', str(out / 'last.pth.tar')]
+    return cmd
+
+
+def run_one(recipe: Recipe, seed: int, data: Path, runs: Path, threads: int) -> dict:
+    """Train (or continue) one run; returns its result row, also saved as result.json."""
+    out = run_dir(runs, recipe.name, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    while recipe.teacher and not teacher_file(runs, seed).is_file():
+        time.sleep(10)  # the dedicated 12-head run of this seed, started earlier, is still training
+    cmd = command(recipe, seed, data, runs)
+    print(f'[compare] start {recipe.name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR='cpu')
+    start = time.time()
+    with open(out / 'train.log', 'a') as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, even with runs side by side
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f'[compare] {recipe.name} seed {seed} failed (exit {rc}); see {out / "train.log"}')
+    cpu = usage.ru_utime + usage.ru_stime
+    row = collect_result(recipe, seed, out, time.time() - start, cpu)
+    row['threads'] = threads
+    (out / 'result.json').write_text(json.dumps(row, indent=1))
+    tidy_run(recipe, out, runs, seed)
+    return row
+
+
+def collect_result(recipe: Recipe, seed: int, out: Path, wall_s: float, cpu_s: float) -> dict:
+    """Final per-k top-1 (model and EMA) from summary.csv, passes from the checkpoint's sampler counts."""
+    import torch  # only once a run has finished: the plan and the report need no torch
+
+    with open(out / 'summary.csv') as f:
+        last = list(csv.DictReader(f))[-1]
+    checkpoint = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)
+    passes = int(sum(checkpoint['sampler']['counts']))
+    heads = [recipe.dedicated] if recipe.dedicated is not None else HEADS
+    row = {'recipe': recipe.name, 'seed': seed, 'epochs': recipe.epochs, 'subnet_passes': passes,
+           'teacher_forwards': int(checkpoint['epoch'] + 1) * steps_per_epoch(out) if recipe.teacher else 0,
+           'wall_s': round(wall_s, 1), 'cpu_s': round(cpu_s, 1), 'commit': git_commit()}
+    for k in heads:
+        row[f'top1_k{k}'] = round(float(last[f'eval_top1_k{k}']), 3)
+        row[f'ema_top1_k{k}'] = round(float(last[f'eval_ema_top1_k{k}']), 3)
+    return row
+
+
+def steps_per_epoch(out: Path) -> int:
+    for line in (out / 'train.log').read_text().splitlines():
+        if ' epochs of ' in line and ' optimizer steps' in line:
+            return int(line.split(' epochs of ')[1].split()[0])
+    return 0
+
+
+def tidy_run(recipe: Recipe, out: Path, runs: Path, seed: int) -> None:
+    """Keep last.pth.tar (and the teacher's EMA weights); the other checkpoints are not needed."""
+    for path in list(out.glob('checkpoint-*.pth.tar')) + [out / 'model_best.pth.tar']:
+        path.unlink(missing_ok=True)
+    if recipe.name == 'dedicated_k12':
+        import torch
+        from safetensors.torch import save_file
+
+        state = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict_ema']
+        save_file({k.removeprefix('module.'): v.contiguous() for k, v in state.items()}, teacher_file(runs, seed))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ''
+
+
+# --- report ------------------------------------------------------------------------------------------------
+def load_results(runs: Path) -> List[dict]:
+    rows = []
+    for name in RECIPES:
+        for path in sorted((runs / name).glob('seed*/result.json')):
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return ''
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.2f} ± {std:.2f}'
+
+
+def summarize(rows: List[dict], prefix: str) -> List[dict]:
+    """One line per recipe: per-k mean +- std of ``prefix``top1_kK over seeds, seeds, passes, wall time."""
+    lines = []
+    for name, recipe in RECIPES.items():
+        runs = [r for r in rows if r['recipe'] == name]
+        if not runs:
+            continue
+        line = {'recipe': name, 'seeds': len(runs), 'epochs': recipe.epochs,
+                'passes': int(statistics.mean(r['subnet_passes'] for r in runs)),
+                'wall_min': round(statistics.mean(r['wall_s'] for r in runs) / 60, 1),
+                'cpu_min': round(statistics.mean(r['cpu_s'] for r in runs) / 60, 1)}
+        for k in HEADS:
+            line[k] = mean_std([r[f'{prefix}top1_k{k}'] for r in runs if f'{prefix}top1_k{k}' in r])
+        lines.append(line)
+    return lines
+
+
+def markdown_table(lines: List[dict], title: str) -> str:
+    head = ['recipe', 'seeds', 'epochs', 'passes', 'wall (min)', 'CPU (min)'] + [f'k={k}' for k in HEADS]
+    out = [f'**{title}**', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for line in lines:
+        cells = [line['recipe'], line['seeds'], line['epochs'], line['passes'], line['wall_min'], line['cpu_min']]
+        out.append('| ' + ' | '.join(str(c) for c in cells + [line[k] for k in HEADS]) + ' |')
+    return '\n'.join(out)
+
+
+def write_report(rows: List[dict], report: Path) -> None:
+    report.mkdir(parents=True, exist_ok=True)
+    keys = sorted({key for row in rows for key in row}, key=_column_order)
+    with open(report / 'comparison.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    text = ['# Recipe comparison on digits (generated by scripts/compare_recipes.py)', '',
+            'Top-1 (%) on the 450 validation images, mean ± std over seeds; passes = subnetwork forward/backward '
+            "passes per run; wall and CPU time (of the run's own process) on the 2-core CPU, two runs side by side "
+            'with one thread each, beside other work: compare CPU minutes rather than wall minutes.', '',
+            markdown_table(summarize(rows, ''), 'model'), '', markdown_table(summarize(rows, 'ema_'), 'EMA'), '']
+    (report / 'comparison.md').write_text('\n'.join(text))
+    plot(rows, report / 'comparison.png')
+
+
+def _column_order(key: str):
+    fixed = ['recipe', 'seed', 'epochs', 'subnet_passes', 'teacher_forwards', 'wall_s', 'cpu_s', 'threads', 'commit']
+    if key in fixed:
+        return (0, fixed.index(key), '')
+    prefix, _, k = key.rpartition('_k')
+    return (1 if prefix == 'top1' else 2, int(k) if k.isdigit() else 0, key)
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=90, layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, prefix, title in zip(axes, ('', 'ema_'), ('model', 'EMA'), strict=True):
+        _plot_recipes(ax, rows, prefix)
+        ax.set_title(f'top-1 vs k ({title}), mean ± std over seeds')
+        ax.set_xlabel('k (heads); embed dim = 16 k')
+        ax.grid(alpha=.3)
+    axes[0].set_ylabel('top-1 (%)')
+    axes[0].legend(fontsize='small', loc='lower right')
+    fig.savefig(path)
+
+
+def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
+    dedicated = {}
+    for name, recipe in RECIPES.items():
+        runs = [r for r in rows if r['recipe'] == name]
+        if not runs:
+            continue
+        if recipe.dedicated is not None:
+            dedicated[recipe.dedicated] = [r[f'{prefix}top1_k{recipe.dedicated}'] for r in runs]
+            continue
+        ks = [k for k in HEADS if all(f'{prefix}top1_k{k}' in r for r in runs)]
+        values = [[r[f'{prefix}top1_k{k}'] for r in runs] for k in ks]
+        means = [statistics.mean(v) for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.errorbar(ks, means, yerr=stds, marker='o', ms=3, capsize=2, label=f'{name} ({len(runs)} seeds)')
+    if dedicated:
+        ks = sorted(dedicated)
+        ax.errorbar(ks, [statistics.mean(dedicated[k]) for k in ks],
+                    yerr=[statistics.stdev(dedicated[k]) if len(dedicated[k]) > 1 else 0.0 for k in ks],
+                    fmt='s', color='black', ms=6, capsize=3, label='dedicated ViT (one per k)')
+
+
+# --- entry point -------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--data', default='data/digits', help='digits ImageFolder (made if missing)')
+    parser.add_argument('--recipes', nargs='+', default=DEFAULT_RECIPES, choices=list(RECIPES))
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--runs', default='output/compare', help='run folders (default: output/compare)')
+    parser.add_argument('--report', default='docs/comparison', help='tables and plot (default: docs/comparison)')
+    parser.add_argument('--jobs', type=int, default=2, help='runs side by side, 2 // jobs threads each (default: 2)')
+    parser.add_argument('--report-only', action='store_true', help='rewrite the report from finished runs')
+    parser.add_argument('--list', action='store_true', help='print the plan and what is done, run nothing')
+    return parser.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> List[tuple]:
+    """(recipe, seed) cells in run order: seed by seed, so every recipe has a result early."""
+    return [(RECIPES[name], seed) for seed in args.seeds for name in RECIPES if name in args.recipes]
+
+
+def run_all(todo: List[tuple], data: Path, runs: Path, report: Path, jobs: int) -> None:
+    """Run the cells ``jobs`` at a time, in plan order (a teacher run waits for its teacher, started before it),
+    rewriting the report after each."""
+    lock, done = Lock(), []
+    threads = max(1, 2 // jobs)
+
+    def task(cell):
+        recipe, seed = cell
+        row = run_one(recipe, seed, data, runs, threads)
+        with lock:
+            done.append(row)
+            print(f'[compare] done {len(done)}/{len(todo)}: {recipe.name} seed {seed} in {row["wall_s"] / 60:.1f} '
+                  f'min', flush=True)
+            write_report(load_results(runs), report)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(task, cell) for cell in todo]:
+            future.result()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    data, runs, report = (Path(p).resolve() for p in (args.data, args.runs, args.report))
+    cells = plan(args)
+    if args.list:
+        for recipe, seed in cells:
+            done = (run_dir(runs, recipe.name, seed) / 'result.json').is_file()
+            print(f'{"done" if done else "todo"}  {recipe.name:<22} seed {seed}  {" ".join(recipe.train_flags())}')
+        return 0
+    if not args.report_only:
+        if not data.is_dir():
+            subprocess.run([sys.executable, 'scripts/prepare_digits.py', str(data)], cwd=ROOT, check=True)
+        missing_teacher = [seed for recipe, seed in cells if recipe.teacher and 'dedicated_k12' not in args.recipes
+                           and not teacher_file(runs, seed).is_file()]
+        if missing_teacher:
+            print(f'--recipes: the teacher recipes need dedicated_k12 for seeds {missing_teacher}', file=sys.stderr)
+            return 2
+        todo = [(r, s) for r, s in cells if not (run_dir(runs, r.name, s) / 'result.json').is_file()]
+        run_all(todo, data, runs, report, args.jobs)
+    rows = load_results(runs)
+    if rows:
+        write_report(rows, report)
+        print((report / 'comparison.md').read_text())
+    return 0
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('DS_ACCELERATOR', 'cpu')
+    sys.exit(main())
