@@ -4,7 +4,7 @@ import collections
 import pytest
 import torch
 
-from hydravit.training.sampler import HeadSampler, normalize_weights
+from hydravit.training.sampler import HeadSampler, normalize_weights, split_strata
 
 DRAWS = 20000
 
@@ -81,3 +81,84 @@ def test_bad_weights_name_the_flag(weights, needle):
     with pytest.raises(ValueError, match='--weights') as info:
         normalize_weights(weights, 3)
     assert needle in str(info.value)
+
+
+# --- several subnetworks per step -------------------------------------------------------------------------
+HEADS = list(range(3, 13))
+
+
+def _steps(policy: str, num: int, weights=None, steps: int = 4000) -> list:
+    sampler = HeadSampler(HEADS, weights, seed=5)
+    return [sampler.draw_step(num, policy) for _ in range(steps)]
+
+
+@pytest.mark.parametrize('policy', ['random', 'sandwich', 'stratified'])
+def test_step_draws_are_distinct_and_largest_first(policy):
+    for step in _steps(policy, 4, steps=500):
+        assert len(step) == 4 and len(set(step)) == 4 and step == sorted(step, reverse=True)
+        assert set(step) <= set(HEADS)
+
+
+@pytest.mark.parametrize('policy', ['sandwich', 'stratified'])
+def test_sandwich_and_stratified_always_hold_largest_and_smallest(policy):
+    assert all(step[0] == 12 and step[-1] == 3 for step in _steps(policy, 4, steps=500))
+
+
+def test_sandwich_middle_draws_follow_the_weights():
+    weights = [1, 0, 0, 1, 1, 1, 1, 1, 8, 1]  # k=4, 5 never; k=11 far more often than the others
+    counts = collections.Counter(k for step in _steps('sandwich', 3, weights) for k in step[1:-1])
+    assert counts[4] == counts[5] == 0
+    assert counts[11] > 3 * max(counts[k] for k in (6, 7, 8, 9, 10))
+
+
+def test_stratified_draws_one_from_each_stratum():
+    # middle 4..11 in 2 strata of 4: {4..7} and {8..11}; one draw from each
+    steps = _steps('stratified', 4)
+    for step in steps:
+        middle = step[1:-1]
+        assert len([k for k in middle if 4 <= k <= 7]) == 1 and len([k for k in middle if 8 <= k <= 11]) == 1
+    freqs = collections.Counter(k for step in steps for k in step[1:-1])
+    assert all(abs(freqs[k] / len(steps) - 0.25) < 0.04 for k in range(4, 12)), freqs  # uniform in each
+
+
+def test_stratified_respects_weights_within_a_stratum():
+    weights = [1, 0, 0, 1, 1, 1, 1, 1, 1, 1]  # 4 and 5 (low stratum) never
+    steps = _steps('stratified', 4, weights)
+    lows = collections.Counter(k for step in steps for k in step[1:-1] if k <= 7)
+    assert set(lows) == {6, 7} and sum(lows.values()) == len(steps)
+
+
+def test_random_policy_draws_by_weight_without_replacement():
+    weights = [0, 0, 0, 0, 0, 0, 1, 2, 4, 8]
+    counts = collections.Counter(k for step in _steps('random', 2, weights) for k in step)
+    assert set(counts) == {9, 10, 11, 12}
+    assert counts[9] < counts[10] < counts[11] < counts[12]
+
+
+def test_split_strata_sizes_differ_by_at_most_one():
+    assert split_strata([4, 5, 6, 7, 8, 9, 10], 3) == [[4, 5, 6], [7, 8], [9, 10]]
+    assert split_strata([4, 5], 0) == []
+    with pytest.raises(ValueError):
+        split_strata([4], 2)
+
+
+@pytest.mark.parametrize('num, policy, weights, message', [
+    (11, 'random', None, '--subnets-per-step: 11 distinct subnetworks per step, but --heads has only 10'),
+    (0, 'random', None, '--subnets-per-step: must be >= 1, got 0'),
+    (1, 'sandwich', None, '--subnet-policy sandwich: needs --subnets-per-step >= 2'),
+    (3, 'random', [0, 0, 0, 0, 0, 0, 0, 0, 1, 1], '--weights: --subnet-policy random draws 3'),
+    (3, 'stratified', [1, 0, 0, 0, 0, 0, 0, 0, 0, 1], '--weights: --subnet-policy stratified draws 1'),
+    (2, 'bogus', None, '--subnet-policy: one of random, sandwich, stratified'),
+])
+def test_impossible_step_draws_are_refused_naming_the_flag(num, policy, weights, message):
+    with pytest.raises(ValueError) as info:
+        HeadSampler(HEADS, weights).check_step(num, policy)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_step_draws_resume_from_the_sampler_state():
+    a = HeadSampler(HEADS, seed=9)
+    [a.draw_step(3, 'sandwich') for _ in range(7)]
+    b = HeadSampler(HEADS, seed=9)
+    b.load_state_dict(a.state_dict())
+    assert [a.draw_step(3, 'sandwich') for _ in range(20)] == [b.draw_step(3, 'sandwich') for _ in range(20)]

@@ -19,6 +19,8 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> Optional[nn.Mo
         return None
     if not timm.is_model(args.teacher):
         raise ConfigError(f'--teacher: unknown model {args.teacher!r} (any timm-registered model name)')
+    if not os.path.isfile(args.teacher_checkpoint):
+        raise ConfigError(f'--teacher-checkpoint: file not found: {args.teacher_checkpoint}')
     teacher = _build(args.teacher, args.teacher_kwargs)
     teacher_classes = getattr(teacher, 'num_classes', None)
     if teacher_classes != num_classes:
@@ -40,8 +42,6 @@ def _build(name: str, kwargs: dict) -> nn.Module:
 
 
 def _load_weights(teacher: nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise ConfigError(f'--teacher-checkpoint: file not found: {path}')
     try:
         state_dict = extract_state_dict(load_checkpoint_file(path), source=path)
         check_state_dict_matches(teacher, state_dict, source=path)
