@@ -89,14 +89,17 @@ def command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
     if recipe.teacher:
         cmd += ['--teacher', 'hydravit_dyn_patch4_32', '--teacher-checkpoint', str(teacher_file(runs, seed)),
                 '--teacher-kwargs', 'num_classes=10', '--teacher-heads', '12']
-    if (out / 'last.pth.tar').is_file():
-        cmd += ['--resume', str(out / 'last.pth.tar')]
+    if (out / 'last.pth.tar').is_file() and not (out / 'result.json').is_file():
+        cmd += ['--resume', str(out / 'last.pth.tar')]  # continue a run that stopped part-way
     return cmd
 
 
 def run_one(recipe: Recipe, seed: int, data: Path, runs: Path, threads: int) -> dict:
     """Train (or continue) one run; returns its result row, also saved as result.json."""
     out = run_dir(runs, recipe.name, seed)
+    if (out / 'result.json').is_file():  # recorded, trained again (a teacher whose weights are not here)
+        for path in out.iterdir():
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     while recipe.teacher and not teacher_file(runs, seed).is_file():
         time.sleep(10)  # the dedicated 12-head run of this seed, started earlier, is still training
@@ -164,12 +167,30 @@ def git_commit() -> str:
 
 
 # --- report ------------------------------------------------------------------------------------------------
-def load_results(runs: Path) -> List[dict]:
-    rows = []
+def load_results(runs: Path, report: Path) -> List[dict]:
+    """Finished runs: the run folders' result.json, plus the rows of an earlier report (committed, so that a
+    later session on another machine continues the comparison instead of repeating it)."""
+    rows = {}
+    if (report / 'comparison.csv').is_file():
+        with open(report / 'comparison.csv') as f:
+            for row in csv.DictReader(f):
+                row = {k: _number(v) for k, v in row.items() if v != ''}
+                rows[(row['recipe'], row['seed'])] = row
     for name in RECIPES:
         for path in sorted((runs / name).glob('seed*/result.json')):
-            rows.append(json.loads(path.read_text()))
-    return rows
+            row = json.loads(path.read_text())
+            rows[(row['recipe'], row['seed'])] = row
+    return [rows[key] for key in sorted(rows, key=lambda key: (list(RECIPES).index(key[0]), key[1]))
+            if key[0] in RECIPES]
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -286,6 +307,17 @@ def plan(args: argparse.Namespace) -> List[tuple]:
     return [(RECIPES[name], seed) for seed in args.seeds for name in RECIPES if name in args.recipes]
 
 
+def with_teachers(todo: List[tuple], runs: Path) -> List[tuple]:
+    """A teacher recipe needs the dedicated 12-head run's weights of its seed: train it again (before the
+    teacher recipe) where they are not on this machine; its new result replaces the recorded one."""
+    cells = list(todo)
+    for recipe, seed in todo:
+        dedicated = (RECIPES['dedicated_k12'], seed)
+        if recipe.teacher and not teacher_file(runs, seed).is_file() and dedicated not in cells:
+            cells.insert(cells.index((recipe, seed)), dedicated)
+    return cells
+
+
 def run_all(todo: List[tuple], data: Path, runs: Path, report: Path, jobs: int) -> None:
     """Run the cells ``jobs`` at a time, in plan order (a teacher run waits for its teacher, started before it),
     rewriting the report after each."""
@@ -299,7 +331,7 @@ def run_all(todo: List[tuple], data: Path, runs: Path, report: Path, jobs: int) 
             done.append(row)
             print(f'[compare] done {len(done)}/{len(todo)}: {recipe.name} seed {seed} in {row["wall_s"] / 60:.1f} '
                   f'min', flush=True)
-            write_report(load_results(runs), report)
+            write_report(load_results(runs, report), report)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(task, cell) for cell in todo]:
@@ -311,21 +343,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data, runs, report = (Path(p).resolve() for p in (args.data, args.runs, args.report))
     cells = plan(args)
     if args.list:
+        done = {(row['recipe'], row['seed']) for row in load_results(runs, report)}
         for recipe, seed in cells:
-            done = (run_dir(runs, recipe.name, seed) / 'result.json').is_file()
-            print(f'{"done" if done else "todo"}  {recipe.name:<22} seed {seed}  {" ".join(recipe.train_flags())}')
+            state = 'done' if (recipe.name, seed) in done else 'todo'
+            print(f'{state}  {recipe.name:<22} seed {seed}  {" ".join(recipe.train_flags())}')
         return 0
     if not args.report_only:
         if not data.is_dir():
             subprocess.run([sys.executable, 'scripts/prepare_digits.py', str(data)], cwd=ROOT, check=True)
-        missing_teacher = [seed for recipe, seed in cells if recipe.teacher and 'dedicated_k12' not in args.recipes
-                           and not teacher_file(runs, seed).is_file()]
-        if missing_teacher:
-            print(f'--recipes: the teacher recipes need dedicated_k12 for seeds {missing_teacher}', file=sys.stderr)
-            return 2
-        todo = [(r, s) for r, s in cells if not (run_dir(runs, r.name, s) / 'result.json').is_file()]
+        done = {(row['recipe'], row['seed']) for row in load_results(runs, report)}
+        todo = [(r, s) for r, s in cells if (r.name, s) not in done]
+        todo = with_teachers(todo, runs)
         run_all(todo, data, runs, report, args.jobs)
-    rows = load_results(runs)
+    rows = load_results(runs, report)
     if rows:
         write_report(rows, report)
         print((report / 'comparison.md').read_text())

@@ -1,0 +1,54 @@
+"""scripts/compare_recipes.py without training: the plan, resuming from recorded rows, the report."""
+import importlib.util
+import json
+
+import pytest
+from test_train import ROOT
+
+spec = importlib.util.spec_from_file_location('compare_recipes', ROOT / 'scripts' / 'compare_recipes.py')
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def _row(recipe: str, seed: int, top1: float) -> dict:
+    heads = [compare.RECIPES[recipe].dedicated] if compare.RECIPES[recipe].dedicated else compare.HEADS
+    row = {'recipe': recipe, 'seed': seed, 'epochs': 40, 'subnet_passes': 3360, 'teacher_forwards': 0,
+           'wall_s': 60.0, 'cpu_s': 30.0, 'threads': 1, 'commit': 'abc'}
+    for k in heads:
+        row[f'top1_k{k}'] = top1 + k
+        row[f'ema_top1_k{k}'] = top1 + k + 0.5
+    return row
+
+
+def test_report_gives_mean_and_std_over_seeds_and_resumes_from_its_csv(tmp_path):
+    runs, report = tmp_path / 'runs', tmp_path / 'report'
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_uniform', 1, 82.0), _row('dedicated_k3', 0, 90.0)]
+    for row in rows[:2]:
+        folder = compare.run_dir(runs, row['recipe'], row['seed'])
+        folder.mkdir(parents=True)
+        (folder / 'result.json').write_text(json.dumps(row))
+    compare.write_report(rows, report)
+    text = (report / 'comparison.md').read_text()
+    assert '| paper_uniform | 2 | 40 | 3360 | 1.0 | 0.5 | 84.00 ± 1.41 |' in text  # k=3: 83 and 85
+    assert (report / 'comparison.png').stat().st_size > 10_000
+    # a later session on another machine: no run folders, the committed CSV says what is done
+    reloaded = compare.load_results(tmp_path / 'elsewhere', report)
+    assert [(r['recipe'], r['seed']) for r in reloaded] == [('paper_uniform', 0), ('paper_uniform', 1),
+                                                            ('dedicated_k3', 0)]
+    assert reloaded[0]['top1_k12'] == pytest.approx(92.0)
+
+
+def test_a_teacher_recipe_retrains_its_missing_teacher_first(tmp_path):
+    teacher, dedicated = compare.RECIPES['sandwich_ikd_teacher'], compare.RECIPES['dedicated_k12']
+    cells = compare.with_teachers([(teacher, 1)], tmp_path)
+    assert cells == [(dedicated, 1), (teacher, 1)]
+    compare.teacher_file(tmp_path, 1).parent.mkdir(parents=True)
+    compare.teacher_file(tmp_path, 1).write_bytes(b'x')
+    assert compare.with_teachers([(teacher, 1)], tmp_path) == [(teacher, 1)]
+
+
+def test_recipe_flags_build_dedicated_models_of_exactly_k_heads():
+    flags = compare.RECIPES['dedicated_k6'].train_flags()
+    assert flags[-6:] == ['--heads', '6', '--weights', '1', '--model-kwargs', 'embed_dim=96', 'num_heads=6'][-6:]
+    sandwich = compare.RECIPES['sandwich_ikd'].train_flags()
+    assert '--inplace-kd' in sandwich and sandwich[sandwich.index('--epochs') + 1] == '10'  # equal compute
