@@ -320,3 +320,16 @@ def test_per_rank_heads_differ_between_ranks():
 def test_multi_subnet_steps_are_the_same_on_every_rank():
     steps = _ranks_draws(shared=False, num_subnets=3, policy='sandwich')
     assert all(len(set(step)) == 1 and len(step[0]) == 3 for step in steps)
+
+
+def test_summary_columns_stay_aligned_when_some_epochs_are_not_validated(data_dir, tmp_path):
+    # timm's update_summary writes each row in its own key order under the first row's header
+    assert run_train(*base_args(data_dir, tmp_path, 'sparse', '--epochs', '2', '--eval-interval', '2',
+                                '--model-ema')) == 0
+    with open(tmp_path / 'sparse' / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]['eval_top1_k3'] == '' and rows[1]['eval_top1_k3'] != ''
+    for prefix in ('eval_', 'eval_ema_'):
+        per_k = [float(rows[1][f'{prefix}top1_k{k}']) for k in (3, 6, 12)]
+        assert float(rows[1][f'{prefix}top1']) == pytest.approx(sum(per_k) / 3)
+        assert all(float(rows[1][f'{prefix}top5_k{k}']) >= float(rows[1][f'{prefix}top1_k{k}']) for k in (3, 6, 12))

@@ -66,5 +66,8 @@ def format_seconds(seconds: float) -> str:
 
 
 def summary_keys(heads: Sequence[int], with_ema: bool) -> List[str]:
-    keys = [f'{m}_k{k}' for k in heads for m in ('top1', 'top5', 'loss')] + ['top1', 'top5', 'loss']
+    """summary.csv's eval columns, in the order validation fills them: timm's update_summary writes every row in
+    its own key order under the first row's header, so the placeholder row of an epoch without validation
+    must list the keys exactly as a validated epoch does."""
+    keys = [f'{m}_k{k}' for k in heads for m in ('loss', 'top1', 'top5')] + ['top1', 'top5', 'loss']
     return keys + (['ema_' + key for key in keys] if with_ema else [])
