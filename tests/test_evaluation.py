@@ -3,6 +3,7 @@
 Runs on the small ``hydravit_dyn_patch4_32`` and a generated 2-class ImageFolder; the DeiT GMACs
 check runs DeepSpeed on CPU on the 224 model.
 """
+import argparse
 import csv
 import json
 import os
@@ -20,7 +21,8 @@ from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
 import hydravit  # noqa: F401  registers the models
-from hydravit.evaluation import accuracy, macs, memory, read_results, sweep, throughput
+from hydravit.evaluation import accuracy, environment, macs, memory, read_results, sweep, throughput
+from hydravit.evaluation.environment import SETTINGS_KEYS
 from hydravit.export import export_subnetwork, subnetwork_vit_args
 
 os.environ.setdefault('DS_ACCELERATOR', 'cpu')
@@ -105,7 +107,7 @@ def test_validate_matches_direct_computation(image_folder, checkpoints, models, 
                          capsys)
     written = json.loads(results.read_text())
     assert written == stdout_result(out) == rows
-    assert [list(row) for row in written] == [list(accuracy.KEYS)] * 2
+    assert [list(row) for row in written] == [list(accuracy.KEYS + SETTINGS_KEYS)] * 2
     for row, k in zip(written, (3, 12), strict=True):
         expected = expected_accuracy(models[0], image_folder, k)
         assert row['heads'] == k and row['embed_dim'] == 16 * k
@@ -124,7 +126,7 @@ def test_validate_ema_safetensors_csv_and_default_heads(image_folder, checkpoint
                                       '--results-file', str(ema_csv)], capsys)
     with open(ema_csv, newline='') as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == accuracy.KEYS
+        assert tuple(reader.fieldnames) == accuracy.KEYS + SETTINGS_KEYS
         assert len(list(reader)) == 3
     assert read_results(ema_csv) == ema_rows
     assert [row['heads'] for row in ema_rows] == [3, 6, 12]  # the checkpoint's head set
@@ -156,7 +158,7 @@ def test_throughput_rows(image_folder, tmp_path, capsys):
     rows, out = run_main(throughput, ['--model', SMALL, '-b', '4', '--heads', '2', '12', *QUICK_BENCH, '--amp',
                                       '--results-file', str(results)], capsys)
     assert read_results(results) == stdout_result(out) == rows
-    assert [list(row) for row in rows] == [list(throughput.KEYS)] * 2
+    assert [list(row) for row in rows] == [list(throughput.KEYS + SETTINGS_KEYS)] * 2
     for row, k in zip(rows, (2, 12), strict=True):
         assert row['heads'] == k and row['batch_size'] == 4
         assert 0 < row['latency_ms_median'] <= row['latency_ms_p90']
@@ -175,12 +177,60 @@ def test_time_calls_counts_and_budget():
     assert len(times) > 1  # the budget, not the count, decides
 
 
+def test_time_call_with_injected_clock_and_latency_stats():
+    ticks = iter([10.0, 10.25])
+    out, ms = throughput.time_call(lambda: 'out', torch.device('cpu'), clock=lambda: next(ticks))
+    assert (out, ms) == ('out', 250.0)
+    assert throughput.latency_stats([1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11.]) == {
+        'latency_ms_median': 6., 'latency_ms_p90': 10.}
+
+
+# --- settings recorded with every row; CUDA defaults ---------------------------------------------------
+def test_rows_record_device_dtype_tf32_and_compile_on_cpu(capsys):
+    base = ['--model', SMALL, '-b', '2', '--heads', '3', *QUICK_BENCH]
+    plain, _ = run_main(throughput, base, capsys)
+    amp, _ = run_main(throughput, [*base, '--amp', '--no-tf32'], capsys)
+    macs_rows, _ = run_main(macs, ['--model', SMALL, '--heads', '3'], capsys)
+    cpu = environment.cpu_name()
+    assert cpu and cpu == environment.device_name(torch.device('cpu'))
+    expected = [
+        (plain[0], {'device_name': cpu, 'dtype': 'float32', 'tf32': False, 'compile': False}),
+        (amp[0], {'device_name': cpu, 'dtype': 'bfloat16', 'tf32': False, 'compile': False}),
+        (macs_rows[0], {'device_name': cpu, 'dtype': 'float32', 'tf32': False, 'compile': False}),
+    ]
+    for row, settings in expected:
+        assert {key: row[key] for key in SETTINGS_KEYS} == settings
+    compiled = argparse.Namespace(amp=True, amp_dtype='float16', compile=True)  # no CPU compile
+    assert environment.settings_row(compiled, torch.device('cpu'))['compile'] is True
+    assert environment.settings_row(compiled, torch.device('cpu'))['dtype'] == 'float16'
+
+
+def test_cuda_defaults_tf32_and_cudnn_benchmark():
+    """The switches are process-wide flags: settable and readable without a GPU."""
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        parser = sweep.create_sweep_parser()
+        cuda = torch.device('cuda')
+        environment.apply_cuda_args(parser.parse_args(['DATA']), cuda)
+        assert torch.get_float32_matmul_precision() == 'high' and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark and environment.tf32_enabled(cuda)
+        environment.apply_cuda_args(parser.parse_args(['DATA', '--no-tf32', '--no-cudnn-benchmark']), cuda)
+        assert torch.get_float32_matmul_precision() == 'highest' and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark and not environment.tf32_enabled(cuda)
+        environment.apply_cuda_args(parser.parse_args(['DATA']), torch.device('cpu'))  # CPU work: untouched
+        assert torch.get_float32_matmul_precision() == 'highest' and not torch.backends.cudnn.benchmark
+        assert not environment.tf32_enabled(torch.device('cpu'))
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[1:]
+
+
 # --- validate_macs.py --------------------------------------------------------------------------------
 def test_macs_equal_dedicated_vit_and_export(tmp_path, capsys):
     results = tmp_path / 'macs.json'
     rows, _ = run_main(macs, ['--model', SMALL, '--heads', '1', '5', '12', '--results-file', str(results)], capsys)
     assert json.loads(results.read_text()) == rows
-    assert [list(row) for row in rows] == [list(macs.KEYS)] * 3
+    assert [list(row) for row in rows] == [list(macs.KEYS + SETTINGS_KEYS)] * 3
     model = timm.create_model(SMALL).eval()
     for row in rows:
         k = row['heads']
@@ -213,7 +263,7 @@ def test_memory_rows(checkpoints, models, tmp_path, capsys):
     rows, _ = run_main(memory, ['--model', SMALL, '--checkpoint', str(checkpoints[0]), '-b', '2', '--heads', '3', '12',
                                 '--results-file', str(results)], capsys)
     assert read_results(results) == rows
-    assert [list(row) for row in rows] == [list(memory.KEYS)] * 2
+    assert [list(row) for row in rows] == [list(memory.KEYS + SETTINGS_KEYS)] * 2
     input_mb = 2 * 3 * 32 * 32 * 4 / 1e6
     for row in rows:
         params = models[0].subnetwork_params(row['heads'])
@@ -239,7 +289,8 @@ def test_sweep_csv_and_plots(image_folder, checkpoints, tmp_path, capsys):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == sweep.SWEEP_KEYS
         assert [int(r['heads']) for r in reader] == [2, 12]
-    assert set(sweep.SWEEP_KEYS) == set(accuracy.KEYS + throughput.KEYS + macs.KEYS + memory.KEYS)
+    assert set(sweep.SWEEP_KEYS) == set(accuracy.KEYS + throughput.KEYS + macs.KEYS + memory.KEYS + SETTINGS_KEYS)
+    assert [(r['dtype'], r['tf32'], r['compile']) for r in rows] == [('float32', False, False)] * 2
     assert read_results(out_dir / 'sweep.csv') == rows
     single, _ = run_main(accuracy, [str(image_folder), '--model', SMALL, '--checkpoint', str(checkpoints[0]),
                                     '-j', '0', '--heads', '2', '12'], capsys)

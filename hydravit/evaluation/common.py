@@ -1,7 +1,8 @@
 """What the four evaluation tools share: arguments, model/data setup, and result files.
 
 Every tool measures one row of numbers per head count k; ``run_tool`` parses the command line,
-builds the model once, validates everything before any work starts, and writes the rows.
+builds the model once, validates everything before any work starts, and writes the rows, each with
+the settings it was measured under (``environment.SETTINGS_KEYS``: device name, dtype, TF32, compile).
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ from timm.data import create_dataset, create_loader, resolve_data_config
 from ..checkpoint import atomic_write
 from ..cli import add_model_args, create_model_from_args, resolve_heads
 from ..model import HydraViT
+from .environment import SETTINGS_KEYS, add_cuda_args, apply_cuda_args, settings_row
 
 Row = Dict[str, float]
 RESULT_SUFFIXES = ('.json', '.csv')
@@ -59,6 +61,7 @@ def create_parser(description: str, data_required: bool, default_batch_size: int
     parser.add_argument('--results-file', default='', metavar='FILE',
                         help='write the per-k rows to FILE: .json (list of objects) or .csv (header + one row per k)')
     add_data_args(parser)
+    add_cuda_args(parser)
     return parser
 
 
@@ -105,6 +108,7 @@ def create_session(args: argparse.Namespace, all_heads: bool = False) -> EvalSes
     if args.data is not None and not args.dataset and not Path(args.data).is_dir():
         raise UsageError(f'DATA: no such folder: {args.data}')
     device = resolve_device(args.device)
+    apply_cuda_args(args, device)
     try:
         model, checkpoint = create_model_from_args(args)
     except FileNotFoundError as e:
@@ -209,17 +213,19 @@ def write_results(rows: Sequence[Row], path, keys: Optional[Sequence[str]] = Non
 
 
 def read_results(path) -> List[Row]:
-    """Rows of a results file written by ``write_results`` (CSV values parsed back to numbers)."""
+    """Rows of a results file written by ``write_results`` (CSV values parsed back to numbers and booleans)."""
     path = Path(path)
     if path.suffix.lower() == '.json':
         return json.loads(path.read_text())
     with open(path, newline='') as f:
-        return [{key: _parse_number(v) for key, v in row.items()} for row in csv.DictReader(f)]
+        return [{key: _parse_value(v) for key, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _parse_number(text: str):
+def _parse_value(text: str):
     if text == '':
         return None
+    if text in ('True', 'False'):  # how csv writes the settings' booleans (tf32, compile)
+        return text == 'True'
     for kind in (int, float):
         try:
             return kind(text)
@@ -265,9 +271,10 @@ def run_tool(tool: Tool, argv: Optional[Sequence[str]] = None) -> List[Row]:
         if tool.check_args is not None:
             tool.check_args(args)
         session = create_session(args)
-        rows = [round_row(row) for row in tool.measure(session)]
+        settings = settings_row(args, session.device)
+        rows = [round_row({**row, **settings}) for row in tool.measure(session)]
     except UsageError as e:
         parser.error(str(e))
-    report(rows, tool.keys, args.results_file)
+    report(rows, (*tool.keys, *SETTINGS_KEYS), args.results_file)
     sys.stdout.flush()
     return rows

@@ -10,10 +10,11 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import accuracy, macs, memory, throughput
 from .common import (
+    EvalSession,
     Row,
     UsageError,
     create_eval_dataset,
@@ -25,10 +26,14 @@ from .common import (
     round_row,
     write_results,
 )
+from .environment import SETTINGS_KEYS, settings_row
 from .plot import RAM_KEYS, check_reference, plot_tradeoff
 
-# One column per key, in the order the tools define them (params_m appears once).
-SWEEP_KEYS = tuple(dict.fromkeys(accuracy.KEYS + macs.KEYS + memory.KEYS + throughput.KEYS))
+# One column per key, in the order the tools define them (params_m appears once), then the settings.
+SWEEP_KEYS = tuple(dict.fromkeys(accuracy.KEYS + macs.KEYS + memory.KEYS + throughput.KEYS)) + SETTINGS_KEYS
+
+# A measurement of one head count: k -> its columns.
+Stage = Tuple[str, Callable[[int], Row]]
 
 
 def create_sweep_parser() -> argparse.ArgumentParser:
@@ -69,29 +74,48 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     return rows
 
 
-def run_sweep(session, loader) -> List[Row]:
+def run_sweep(session: EvalSession, loader) -> List[Row]:
     """Accuracy (one data pass), throughput, MACs and memory for each of ``session.heads``."""
-    args, model, heads = session.args, session.model, session.heads
-    print(f'[1/4] accuracy of heads {heads}', flush=True)
-    results = {row['heads']: dict(row) for row in accuracy.evaluate_accuracy(session, loader, heads, args.log_freq)}
-    batch = throughput.input_batch(session)
+    args, model = session.args, session.model
     memory_shape = (args.memory_batch_size, *session.input_size)
-    stages = (
-        ('throughput', lambda k: throughput.benchmark_heads(session, k, batch)),
-        ('MACs', lambda k: macs.profile_heads(model, k, session.input_size)),
+    stages = [
+        throughput_stage(session, throughput.input_batch(session)),
+        macs_stage(session),
         ('memory', lambda k: {**memory.torchinfo_summary(model, k, memory_shape, session.device),
                               'peak_mb': memory.peak_memory_mb(model, k, memory_shape, session.device)}),
-    )
-    for stage, (name, measure) in enumerate(stages, 2):
+    ]
+    results = measure_stages(session, stages, loader)
+    rows = [round_row({key: results[k][key] for key in SWEEP_KEYS}) for k in session.heads]
+    for row in rows:
+        print(format_row(row))
+    return rows
+
+
+def throughput_stage(session: EvalSession, batch) -> Stage:
+    return 'throughput', lambda k: throughput.benchmark_heads(session, k, batch)
+
+
+def macs_stage(session: EvalSession) -> Stage:
+    return 'MACs', lambda k: macs.profile_heads(session.model, k, session.input_size)
+
+
+def measure_stages(session: EvalSession, stages: Sequence[Stage], loader=None) -> Dict[int, Row]:
+    """Accuracy of every head count in one data pass (when ``loader`` is given), then each stage for
+    each head count, with a progress line per step. Returns k -> all columns, settings included."""
+    heads = session.heads
+    total = len(stages) + (loader is not None)
+    results: Dict[int, Row] = {k: {'heads': k, **settings_row(session.args, session.device)} for k in heads}
+    if loader is not None:
+        print(f'[1/{total}] accuracy of heads {heads}', flush=True)
+        for row in accuracy.evaluate_accuracy(session, loader, heads, session.args.log_freq):
+            results[row['heads']].update(row)
+    for stage, (name, measure) in enumerate(stages, total - len(stages) + 1):
         start = time.perf_counter()
         for i, k in enumerate(heads, 1):
             results[k].update(measure(k))
             eta = (time.perf_counter() - start) / i * (len(heads) - i)
-            print(f'[{stage}/4] {name} k={k} ({i}/{len(heads)}, ETA {eta:.0f}s)', flush=True)
-    rows = [round_row({key: results[k][key] for key in SWEEP_KEYS}) for k in heads]
-    for row in rows:
-        print(format_row(row))
-    return rows
+            print(f'[{stage}/{total}] {name} k={k} ({i}/{len(heads)}, ETA {eta:.0f}s)', flush=True)
+    return results
 
 
 def _load_reference(path: str) -> List[Row]:

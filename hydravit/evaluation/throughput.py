@@ -3,11 +3,13 @@
 Timing excludes warm-up (and, with ``--compile``, compilation), runs under ``torch.inference_mode``
 and is synchronized with the device: CUDA events on GPU, ``time.perf_counter`` on CPU. Each
 measurement runs a fixed number of iterations, or for a time budget with ``--bench-time``.
+``time_call`` and ``benchmark_latency`` are the timing primitives of the whole package (the deploy
+tools and the elastic runtime time with them too).
 """
 import argparse
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,21 +42,38 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
     times: List[float] = []
     deadline = None if budget_s is None else time.perf_counter() + budget_s
     while (len(times) < iters) if deadline is None else (not times or time.perf_counter() < deadline):
-        times.append(_time_one(fn, device))
+        times.append(time_call(fn, device)[1])
     return times
 
 
-def _time_one(fn: Callable[[], object], device: torch.device) -> float:
+def time_call(fn: Callable[[], object], device: torch.device,
+              clock: Callable[[], float] = time.perf_counter) -> Tuple[object, float]:
+    """``(fn(), milliseconds)`` of one call, synchronized with the device.
+
+    CUDA: events around the call, waiting for the end event. Elsewhere: ``clock`` (seconds) before and
+    after; a caller may inject a fake clock to test what it does with the timings.
+    """
     if device.type == 'cuda':
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        out = fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+        return out, start.elapsed_time(end)
+    start = clock()
+    out = fn()
+    return out, (clock() - start) * 1e3
+
+
+def latency_stats(times_ms: Sequence[float]) -> Row:
+    """Median and 90th percentile of call times (ms)."""
+    return {'latency_ms_median': statistics.median(times_ms), 'latency_ms_p90': float(np.percentile(times_ms, 90))}
+
+
+def benchmark_latency(fn: Callable[[], object], device: torch.device, warmup: int = 10, iters: int = 50,
+                      budget_s: Optional[float] = None) -> Row:
+    """``latency_stats`` of ``fn`` timed by ``time_calls`` (same warm-up, count and budget rules)."""
+    return latency_stats(time_calls(fn, device, warmup, iters, budget_s))
 
 
 def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
@@ -68,13 +87,12 @@ def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
             return runner(x)
 
     bench = dict(device=device, warmup=args.num_warm_iter, iters=args.num_bench_iter, budget_s=args.bench_time)
-    latency = time_calls(lambda: forward(single), **bench)
+    latency = benchmark_latency(lambda: forward(single), **bench)
     batch_times = time_calls(lambda: forward(batch), **bench)
     return {
         'heads': k,
         'batch_size': batch.shape[0],
-        'latency_ms_median': statistics.median(latency),
-        'latency_ms_p90': float(np.percentile(latency, 90)),
+        **latency,
         'throughput': batch.shape[0] * len(batch_times) / (sum(batch_times) / 1e3),
     }
 

@@ -1,0 +1,231 @@
+"""Pick the subnetwork for a budget from a device profile.
+
+    python -m hydravit.deploy pick profile.json [--max-latency-ms X] [--max-gmacs G] [--max-memory-mb M]
+        [--min-throughput T] [--min-top1 A] [--json] [--verify]
+
+The choice is the most accurate k that meets every bound; ties go to the cheaper (fewer GMACs, then
+lower latency, lower memory, higher throughput). Without accuracies in the profile the larger k is
+taken as the more accurate, so the choice is the largest k that fits. The printed Pareto frontier
+holds the rows that no other row beats on accuracy and on every cost at once; the choice is always
+on it.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import timm
+import torch
+
+from ..evaluation import throughput
+from ..evaluation.common import Row, UsageError, resolve_device
+from ..evaluation.environment import device_name
+from .profile import ProfileError, read_profile
+
+VERIFY_TOLERANCE = 0.15  # --verify warns when the re-measured latency is further off than this
+
+
+@dataclass(frozen=True)
+class Bound:
+    flag: str
+    key: str  # profile column it limits
+    upper: bool  # True: the column must be <= the value; False: >=
+    unit: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip('-').replace('-', '_')
+
+    def holds(self, row: Row, value: float) -> bool:
+        return row[self.key] <= value if self.upper else row[self.key] >= value
+
+    def best(self, rows: Sequence[Row]) -> Row:
+        """The row that comes closest to meeting this bound."""
+        return (min if self.upper else max)(rows, key=lambda row: row[self.key])
+
+
+BOUNDS = (
+    Bound('--max-latency-ms', 'latency_ms_p90', True, 'ms'),
+    Bound('--max-gmacs', 'gmacs', True, 'GMACs'),
+    Bound('--max-memory-mb', 'peak_mb', True, 'MB'),
+    Bound('--min-throughput', 'throughput', False, 'img/s'),
+    Bound('--min-top1', 'top1', False, '%'),
+)
+# Costs and whether more is better; accuracy is the other side of the trade-off.
+COSTS = (('gmacs', False), ('latency_ms_p90', False), ('peak_mb', False), ('throughput', True))
+
+
+class NoFit(ValueError):
+    """No head count meets every bound; the message names the best value reached for each bound."""
+
+
+def accuracy_key(rows: Sequence[Row]) -> str:
+    """``top1`` when the profile has accuracies, else ``heads`` (HydraViT: more heads, more accurate)."""
+    return 'top1' if rows and all(row.get('top1') is not None for row in rows) else 'heads'
+
+
+def _objectives(row: Row, acc: str) -> tuple:
+    """Every objective with "larger is better"."""
+    return (row[acc], *(row[key] if more else -row[key] for key, more in COSTS))
+
+
+def dominates(a: Row, b: Row, acc: str) -> bool:
+    """``a`` is at least as good as ``b`` on accuracy and every cost, and better on one."""
+    oa, ob = _objectives(a, acc), _objectives(b, acc)
+    return all(x >= y for x, y in zip(oa, ob, strict=True)) and oa != ob
+
+
+def pareto_frontier(rows: Sequence[Row]) -> List[Row]:
+    """Rows no other row dominates, in head-count order."""
+    acc = accuracy_key(rows)
+    return sorted((row for row in rows if not any(dominates(other, row, acc) for other in rows)),
+                  key=lambda row: row['heads'])
+
+
+def _preference(row: Row, acc: str) -> tuple:
+    # Most accurate first; among equals the cheaper on each cost in turn (so the choice is on the frontier).
+    return (-row[acc], *(-row[key] if more else row[key] for key, more in COSTS), row['heads'])
+
+
+def fits(row: Row, bounds: Dict[str, float]) -> bool:
+    return all(bound.holds(row, bounds[bound.dest]) for bound in BOUNDS if bound.dest in bounds)
+
+
+def choose(rows: Sequence[Row], bounds: Dict[str, float]) -> Row:
+    """The most accurate row that meets every bound (``bounds``: Bound.dest -> value); ``NoFit`` if none."""
+    acc = accuracy_key(rows)
+    feasible = [row for row in rows if fits(row, bounds)]
+    if not feasible:
+        raise NoFit(_no_fit_message(rows, bounds))
+    return min(feasible, key=lambda row: _preference(row, acc))
+
+
+def _no_fit_message(rows: Sequence[Row], bounds: Dict[str, float]) -> str:
+    parts = []
+    for bound in BOUNDS:
+        if bound.dest in bounds:
+            best = bound.best(rows)
+            parts.append(f'{bound.flag} {bounds[bound.dest]:g} (best: {best[bound.key]:g} {bound.unit} '
+                         f'at k={best["heads"]})')
+    return 'no head count meets every bound: ' + '; '.join(parts)
+
+
+# --- the command ----------------------------------------------------------------------------------------
+def create_pick_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m hydravit.deploy pick', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('profile', metavar='PROFILE', help='profile JSON written by `python -m hydravit.deploy '
+                                                           'profile`')
+    for bound in BOUNDS:
+        limit = 'at most' if bound.upper else 'at least'
+        parser.add_argument(bound.flag, type=float, default=None, metavar='X',
+                            help=f'{bound.key} {limit} X {bound.unit}'.replace('%', '%%'))
+    parser.add_argument('--json', action='store_true', help='print one JSON object: {"chosen": row, "frontier": rows}')
+    parser.add_argument('--verify', action='store_true',
+                        help=f're-measure the chosen k\'s batch-1 latency here; warn when it is more than '
+                             f'{VERIFY_TOLERANCE * 100:.0f}%% off the profile')
+    parser.add_argument('--device', default=None, help="--verify's device (default: the profile's device type)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = create_pick_parser()
+    args = parser.parse_args(argv)
+    try:
+        profile = read_profile(args.profile)
+    except ProfileError as e:
+        parser.error(f'PROFILE: {e}')
+    rows = profile['rows']
+    try:
+        bounds = _bounds(args, rows)
+        device = _verify_device(args, profile) if args.verify else None
+        chosen = choose(rows, bounds)
+    except (UsageError, NoFit) as e:
+        parser.error(str(e))
+    result = {'chosen': chosen, 'frontier': pareto_frontier(rows)}
+    if not args.json:
+        print(format_table(result['frontier'], chosen, bounds))
+    if args.verify:
+        result['verify'] = verify(profile, chosen, device, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return result
+
+
+def _bounds(args: argparse.Namespace, rows: Sequence[Row]) -> Dict[str, float]:
+    bounds = {bound.dest: getattr(args, bound.dest) for bound in BOUNDS if getattr(args, bound.dest) is not None}
+    for bound in BOUNDS:
+        if bound.dest in bounds and bounds[bound.dest] < 0:
+            raise UsageError(f'{bound.flag} must be >= 0, got {bounds[bound.dest]:g}')
+    if 'min_top1' in bounds and accuracy_key(rows) != 'top1':
+        raise UsageError('--min-top1: the profile has no top1 (profile with DATA or --accuracy)')
+    return bounds
+
+
+def _verify_device(args: argparse.Namespace, profile: dict) -> torch.device:
+    info = profile.get('model') or {}
+    if not (isinstance(info.get('name'), str) and timm.is_model(info['name']) and info.get('input_size')
+            and info.get('num_classes')):
+        raise UsageError('--verify: the profile has no usable "model" object (name, num_classes, input_size) '
+                         'to rebuild the model from')
+    return resolve_device(args.device or profile['device'].get('type'))
+
+
+COLUMNS = (  # key, header, format
+    ('heads', 'k', '{:d}'), ('embed_dim', 'embed', '{:d}'), ('top1', 'top-1', '{:.2f}'), ('gmacs', 'GMACs', '{:.4g}'),
+    ('params_m', 'params M', '{:.3g}'), ('latency_ms_median', 'lat ms', '{:.3g}'),
+    ('latency_ms_p90', 'p90 ms', '{:.3g}'), ('throughput', 'img/s', '{:.4g}'), ('peak_mb', 'peak MB', '{:.4g}'),
+)
+
+
+def format_table(frontier: Sequence[Row], chosen: Row, bounds: Dict[str, float]) -> str:
+    """The frontier, one line per row: '*' marks the choice, 'x' a row outside the bounds."""
+    header = ['  '] + [title for _, title, _ in COLUMNS]
+    lines = [header]
+    for row in frontier:
+        mark = '* ' if row is chosen else ('  ' if fits(row, bounds) else 'x ')
+        lines.append([mark] + ['-' if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = '\n'.join(' '.join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+    acc = 'top-1' if accuracy_key(frontier) == 'top1' else 'k (no accuracies in the profile)'
+    return (f'Pareto frontier ({len(frontier)} rows; * = chosen: most accurate by {acc} within every bound, '
+            f'x = outside a bound)\n{text}\nchosen: k={chosen["heads"]}')
+
+
+# --- --verify --------------------------------------------------------------------------------------------
+def verify(profile: dict, chosen: Row, device: torch.device, out=sys.stdout) -> dict:
+    """Re-measure the chosen k's batch-1 latency here; warn (stderr) when the median is >15 % off the profile."""
+    info, k = profile.get('model') or {}, chosen['heads']
+    model = _rebuild_model(info).to(device).eval()
+    model.set_heads(k)
+    x = torch.randn(1, *info['input_size'], device=device)
+    dtype = profile['device'].get('dtype', 'float32')
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, dtype),
+                                                    enabled=dtype != 'float32'):
+            return model(x)
+
+    measured = throughput.benchmark_latency(forward, device)
+    off = measured['latency_ms_median'] / chosen['latency_ms_median'] - 1
+    here = f'{device_name(device)} with {torch.get_num_threads()} threads'
+    print(f'verify k={k} on {here}: batch-1 latency median {measured["latency_ms_median"]:.3g} ms, '
+          f'p90 {measured["latency_ms_p90"]:.3g} ms; profile {chosen["latency_ms_median"]:.3g} / '
+          f'{chosen["latency_ms_p90"]:.3g} ms ({off:+.1%})', file=out)
+    warn = abs(off) > VERIFY_TOLERANCE
+    if warn:
+        profiled = profile['device']
+        print(f'warning: k={k} runs {off:+.0%} off the profile\'s batch-1 latency (profiled on {profiled.get("name")} '
+              f'with {profiled.get("threads")} threads; here {here}): re-profile before trusting the choice',
+              file=sys.stderr)
+    return {'heads': k, **measured, 'off': off, 'warning': warn}
+
+
+def _rebuild_model(info: dict) -> torch.nn.Module:
+    # Latency does not depend on the weights' values: random weights of the profiled shape suffice.
+    kwargs = {'num_classes': info['num_classes']}
+    if info.get('separate_classifiers'):
+        kwargs['separate_classifiers'] = tuple(info['separate_classifiers'])
+    return timm.create_model(info['name'], **kwargs)

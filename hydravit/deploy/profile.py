@@ -1,0 +1,210 @@
+"""Device profile: what the device is, and one row of costs (and accuracy) per head count.
+
+    python -m hydravit.deploy profile [DATA] --model M [--checkpoint C] [--use-ema] [-b B] [--amp]
+        [--heads ...] [--accuracy FILE] -o profile.json
+
+Every number comes from the evaluation core (``hydravit.evaluation``): the same stages as the sweep
+(accuracy, batch-1 latency and batch-B throughput, DeepSpeed MACs, measured peak memory). The file
+is one JSON object ``{"device": {...}, "model": {...}, "rows": [...]}`` (schema in docs/deploy.md).
+"""
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..checkpoint import atomic_write
+from ..evaluation import memory, sweep, throughput
+from ..evaluation.common import (
+    EvalSession,
+    Row,
+    UsageError,
+    create_eval_dataset,
+    create_eval_loader,
+    create_parser,
+    create_session,
+    format_row,
+    read_results,
+    round_row,
+    write_results,
+)
+from ..evaluation.environment import device_info
+
+PROFILE_KEYS = ('heads', 'embed_dim', 'top1', 'gmacs', 'params_m', 'latency_ms_median', 'latency_ms_p90',
+                'throughput', 'peak_mb')
+
+
+class ProfileError(ValueError):
+    """A profile file that does not follow the schema."""
+
+
+def create_profile_parser() -> argparse.ArgumentParser:
+    parser = create_parser(__doc__, data_required=False, default_batch_size=256)
+    parser.prog = 'python -m hydravit.deploy profile'
+    throughput.add_args(parser)
+    group = parser.add_argument_group('Profile')
+    group.add_argument('-o', '--output', default='profile.json', metavar='FILE',
+                       help='profile JSON to write (default: profile.json)')
+    group.add_argument('--accuracy', default='', metavar='FILE',
+                       help='top-1 per k from a sweep or validate.py results file (.csv/.json) instead of DATA')
+    group.add_argument('--memory-batch-size', type=int, default=1, metavar='N',
+                       help='batch size of the peak-memory forward (default: 1)')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = create_profile_parser()
+    args = parser.parse_args(argv)
+    try:
+        accuracy = _check_args(args)
+        session = create_session(args, all_heads=True)
+        loader = create_eval_loader(session, create_eval_dataset(session)) if args.data else None
+        if accuracy is not None:
+            _check_accuracy_covers(accuracy, session.heads, args.accuracy)
+    except UsageError as e:
+        parser.error(str(e))
+    profile = build_profile(session, loader, accuracy)
+    write_profile(profile, args.output)
+    if args.results_file:
+        write_results(profile['rows'], args.results_file, PROFILE_KEYS)
+    for row in profile['rows']:
+        print(format_row(row))
+    print(f'Wrote {args.output} ({len(profile["rows"])} head counts on {profile["device"]["name"]})')
+    return profile
+
+
+def _check_args(args: argparse.Namespace) -> Optional[Dict[int, float]]:
+    """Everything about the flags that can fail, before the model is built. Returns --accuracy's top-1 per k."""
+    throughput.check_args(args)
+    if Path(args.output).suffix.lower() != '.json':
+        raise UsageError(f'-o/--output must end in .json, got {args.output!r}')
+    if args.memory_batch_size < 1:
+        raise UsageError(f'--memory-batch-size must be >= 1, got {args.memory_batch_size}')
+    if not args.accuracy:
+        return None
+    if args.data:
+        raise UsageError('--accuracy: give DATA or --accuracy, not both (top-1 comes from one of them)')
+    return load_accuracy(args.accuracy)
+
+
+def load_accuracy(path: str) -> Dict[int, float]:
+    """top1 per head count from a sweep / validate.py results file."""
+    if not Path(path).is_file():
+        raise UsageError(f'--accuracy: no such file: {path}')
+    try:
+        rows = read_results(path)
+    except (ValueError, OSError) as e:
+        raise UsageError(f'--accuracy: cannot read {path}: {e}') from e
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f'--accuracy: {path} holds no result rows')
+    usable = [r for r in rows if isinstance(r.get('heads'), int) and isinstance(r.get('top1'), (int, float))]
+    if len(usable) != len(rows):
+        raise UsageError(f'--accuracy: every row of {path} needs numeric heads and top1 (a sweep or validate.py '
+                         'results file)')
+    return {int(r['heads']): float(r['top1']) for r in usable}
+
+
+def _check_accuracy_covers(accuracy: Dict[int, float], heads: Sequence[int], source: str) -> None:
+    missing = [k for k in heads if k not in accuracy]
+    if missing:
+        known = sorted(accuracy)
+        raise UsageError(f'--accuracy: {source} has no top1 for heads {missing}; '
+                         f'profile only the heads it has with --heads {" ".join(map(str, known))}')
+
+
+def build_profile(session: EvalSession, loader=None, accuracy: Optional[Dict[int, float]] = None) -> dict:
+    """Measure every head count of the session; returns the profile object (see the module docstring)."""
+    args, model = session.args, session.model
+    memory_shape = (args.memory_batch_size, *session.input_size)
+    stages = [
+        sweep.throughput_stage(session, throughput.input_batch(session)),
+        sweep.macs_stage(session),
+        ('peak memory', lambda k: {'peak_mb': memory.peak_memory_mb(model, k, memory_shape, session.device)}),
+    ]
+    results = sweep.measure_stages(session, stages, loader)
+    rows = []
+    for k in session.heads:
+        row = results[k]
+        row['embed_dim'] = k * model.head_dim
+        row['top1'] = accuracy[k] if accuracy is not None else row.get('top1')
+        rows.append(round_row({key: row[key] for key in PROFILE_KEYS}))
+    return {'device': device_info(args, session.device), 'model': _model_info(session), 'rows': rows}
+
+
+def _model_info(session: EvalSession) -> dict:
+    """What rebuilds the profiled model for re-measuring (``pick --verify``) and how it was measured."""
+    args, model = session.args, session.model
+    return {
+        'name': args.model,
+        'checkpoint': args.checkpoint or None,
+        'use_ema': bool(args.use_ema),
+        'num_classes': model.num_classes,
+        'num_heads': model.num_heads,
+        'separate_classifiers': model.separate_classifiers,
+        'input_size': list(session.input_size),
+        'batch_size': args.batch_size,
+        'memory_batch_size': args.memory_batch_size,
+        'accuracy_from': args.accuracy or args.data or None,
+    }
+
+
+# --- the file --------------------------------------------------------------------------------------------
+def write_profile(profile: dict, path) -> Path:
+    check_profile(profile, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(profile, indent=2) + '\n'))
+    return path
+
+
+def read_profile(path) -> dict:
+    """Load and check a profile file; raises ``ProfileError`` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f'no such file: {path}')
+    try:
+        profile = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProfileError(f'{path} is not JSON: {e}') from e
+    check_profile(profile, str(path))
+    return profile
+
+
+def check_profile(profile, source: str = 'profile') -> None:
+    """Raise ``ProfileError`` unless ``profile`` follows the schema (rows: see ``PROFILE_KEYS``)."""
+    if not isinstance(profile, dict) or not isinstance(profile.get('device'), dict):
+        raise ProfileError(f'{source}: expected an object with "device" and "rows"')
+    rows = profile.get('rows')
+    if not isinstance(rows, list) or not rows:
+        raise ProfileError(f'{source}: "rows" must be a non-empty list')
+    for i, row in enumerate(rows):
+        _check_row(row, f'{source}: row {i}')
+    heads = [row['heads'] for row in rows]
+    if len(set(heads)) != len(heads):
+        raise ProfileError(f'{source}: duplicate heads in rows: {heads}')
+    with_top1 = [row['heads'] for row in rows if row['top1'] is not None]
+    if with_top1 and len(with_top1) != len(rows):
+        raise ProfileError(f'{source}: top1 is given for heads {with_top1} only; give it for every row or none')
+
+
+def _check_row(row, where: str) -> None:
+    if not isinstance(row, dict):
+        raise ProfileError(f'{where} is not an object')
+    missing = [key for key in PROFILE_KEYS if key not in row]
+    if missing:
+        raise ProfileError(f'{where} lacks {missing}')
+    if not isinstance(row['heads'], int) or isinstance(row['heads'], bool) or row['heads'] < 1:
+        raise ProfileError(f'{where}: heads must be an int >= 1, got {row["heads"]!r}')
+    for key in PROFILE_KEYS[1:]:
+        value = row[key]
+        if key == 'top1' and value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ProfileError(f'{where} (heads {row["heads"]}): {key} must be a number >= 0, got {value!r}')
+
+
+def profile_rows(profile) -> List[Row]:
+    """The rows of a profile file or object (checked against the schema)."""
+    if isinstance(profile, dict):
+        check_profile(profile)
+        return profile['rows']
+    return read_profile(profile)['rows']

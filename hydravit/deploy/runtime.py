@@ -1,0 +1,227 @@
+"""Elastic runtime: run each batch at the largest head count that holds a latency budget.
+
+``ElasticRunner(model, latency_budget_ms)`` is a callable. Every call is timed with the evaluation
+core's ``time_call`` (CUDA events on GPU, i.e. synchronized; a clock elsewhere) and fed to a
+``HeadController``, which picks the k of the next call. Latencies are carried across head counts by
+relative costs c(k): a profile's latency medians, or without one c(k) = k² (the linear layers' MACs
+grow with the square of the width), which errs on the cautious side when stepping up.
+
+* Step down as soon as calls run over: when the p90 of the calls at the current k (the last
+  ``window`` of them) is over the budget -- 3 of 20 calls over, or already 1 of a k's first 9 --
+  go straight to the largest k whose predicted latency is ``headroom`` (15 %) under the budget.
+* Step up after a full window with headroom: to the largest k whose predicted p90 (the window's
+  p90 scaled by c) is ``up_margin`` (5 %) under the budget. When the window has the full headroom
+  but the scaled prediction rules every larger k out, try the next k if it fits with its cost added
+  as a fixed delay instead: CPU time-slicing adds a delay per call rather than scaling it.
+* Hysteresis: entering a k needs that margin and leaving it needs its p90 over the budget, so a
+  steady load settles on one k. A k just left is blocked for ``backoff_s`` (0.5 s), doubling on each
+  quick repeat up to ``max_backoff_s``; a prediction of the full headroom at that k lifts the block,
+  so the runner climbs back as soon as a load ends.
+"""
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..cli import parse_heads
+from ..evaluation.common import Row
+from ..evaluation.throughput import time_call
+from .pick import accuracy_key
+from .profile import profile_rows
+
+ProfileLike = Union[str, dict, Sequence[Row]]
+
+
+class HeadController:
+    """The decision rule alone: latencies in, head count out (no model, no timing)."""
+
+    def __init__(self, heads: Sequence[int], budget_ms: float, costs: Optional[Dict[int, float]] = None,
+                 start: Optional[int] = None, window: int = 20, quantile: float = 0.9, headroom: float = 0.15,
+                 up_margin: float = 0.05, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 stable_s: float = 10.0) -> None:
+        if budget_ms <= 0:
+            raise ValueError(f'latency budget must be > 0 ms, got {budget_ms}')
+        if window < 2 or not 0 < quantile < 1 or not 0 <= headroom < 1:
+            raise ValueError(f'need window >= 2, 0 < quantile < 1, 0 <= headroom < 1; got {window}, {quantile}, '
+                             f'{headroom}')
+        self.heads = sorted(heads)
+        self.budget_ms = float(budget_ms)
+        self.costs = dict(costs) if costs else {k: float(k * k) for k in self.heads}
+        if any(k not in self.costs for k in self.heads):
+            raise ValueError(f'costs must cover every head count {self.heads}, got {sorted(self.costs)}')
+        self.window, self.quantile, self.headroom = window, quantile, headroom
+        self.up_margin = up_margin
+        self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
+        self.k = self.heads[-1] if start is None else start
+        if self.k not in self.heads:
+            raise ValueError(f'start k={self.k} is not one of heads {self.heads}')
+        self._recent: Deque[float] = deque(maxlen=window)
+        self._over = 0
+        self._since = float('-inf')  # when the current k was entered
+        self._blocked_until: Dict[int, float] = {}
+        self._backoff: Dict[int, float] = {}
+
+    def update(self, latency_ms: float, now: float) -> int:
+        """Record one call at the current k (``now``: seconds) and return the k for the next call."""
+        if len(self._recent) == self.window:
+            self._over -= self._recent[0] > self.budget_ms
+        self._recent.append(latency_ms)
+        self._over += latency_ms > self.budget_ms
+        if self._over > int(len(self._recent) * (1 - self.quantile) + 1e-9):  # the p90 of the calls so far is over
+            self._step_down(now)
+        elif len(self._recent) == self.window:
+            self._step_up(now)
+        return self.k
+
+    def predicted_ms(self, latency_ms: float, k: int) -> float:
+        """``latency_ms`` measured at the current k, scaled to k by the relative costs."""
+        return latency_ms * self.costs[k] / self.costs[self.k]
+
+    def _target_ms(self) -> float:
+        return self.budget_ms * (1 - self.headroom)
+
+    def _step_down(self, now: float) -> None:
+        lower = [k for k in self.heads if k < self.k]
+        if not lower:
+            return
+        # Back off before trying this k again: briefly after a long stay, twice as long after each quick failure.
+        stable = now - self._since >= self.stable_s
+        backoff = self.backoff_s if stable else min(2 * self._backoff.get(self.k, self.backoff_s / 2),
+                                                    self.max_backoff_s)
+        self._backoff[self.k] = backoff
+        self._blocked_until[self.k] = now + backoff
+        recent = sorted(list(self._recent)[-3:])  # the latest calls, the one that ran over among them
+        estimate = recent[len(recent) // 2]
+        fitting = [k for k in lower if self.predicted_ms(estimate, k) <= self._target_ms()]
+        self._switch(fitting[-1] if fitting else lower[0], now)
+
+    def _step_up(self, now: float) -> None:
+        blocked = [k for k, until in self._blocked_until.items() if until > now and k > self.k]
+        ceiling = min(blocked, default=self.heads[-1] + 1)
+        p = _nearest_rank(sorted(self._recent), self.quantile)
+        entry_ms = self.budget_ms * (1 - self.up_margin)
+        # A k predicted to fit is entered unless it failed recently; a prediction of clear headroom overrides that.
+        fitting = [k for k in self.heads if k > self.k and (
+            self.predicted_ms(p, k) <= self._target_ms() or (k < ceiling and self.predicted_ms(p, k) <= entry_ms))]
+        larger = [k for k in self.heads if k > self.k]
+        if not fitting and larger and larger[0] < ceiling and p <= self._target_ms():
+            # Clear headroom here, yet the scaled prediction says no: a load that adds a fixed delay per call
+            # (CPU time-slicing) inflates that prediction. Try the next k if it fits with the delay added instead.
+            if p + self.costs[larger[0]] - self.costs[self.k] <= entry_ms:
+                fitting = larger[:1]
+        if fitting:
+            self._switch(fitting[-1], now)
+
+    def _switch(self, k: int, now: float) -> None:
+        self.k, self._since = k, now
+        self._recent.clear()
+        self._over = 0
+
+
+class ElasticRunner:
+    """Callable that runs ``model`` at a head count chosen to keep the recent p90 latency within budget.
+
+    ``model``: any module with ``set_heads(k)`` and ``num_heads`` (a HydraViT). ``heads``: the head
+    counts it may use (default: all the model can run). ``profile``: a profile (file, object, or rows
+    with ``heads`` and latency columns) that gives the relative costs and the start: the most accurate
+    k whose profiled p90 is within the budget less ``up_margin`` (without accuracies: the largest such
+    k), else the smallest k.
+    Without a profile it starts at the largest k. ``runner.active_heads`` is the current k and
+    ``runner.history`` holds ``(seconds since creation, k, latency_ms)`` per call (the last
+    ``max_history``). Calls are not thread-safe; wrap them in ``torch.inference_mode()`` as usual.
+    """
+
+    def __init__(self, model, latency_budget_ms: float, heads: Optional[Sequence[int]] = None,
+                 profile: Optional[ProfileLike] = None, *, window: int = 20, quantile: float = 0.9,
+                 headroom: float = 0.15, up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
+                 max_history: Optional[int] = 100_000) -> None:
+        if not (hasattr(model, 'set_heads') and hasattr(model, 'num_heads')):
+            raise TypeError('ElasticRunner needs a model with set_heads(k) and num_heads (e.g. a HydraViT)')
+        self.model = model
+        heads = sorted(parse_heads(heads if heads is not None else _runnable(model), model.num_heads, 'heads'))
+        entry_ms = latency_budget_ms * (1 - up_margin)  # the runner enters a k only with this margin
+        costs, start = _from_profile(profile, heads, entry_ms) if profile is not None else (None, None)
+        self.controller = HeadController(heads, latency_budget_ms, costs, start, window, quantile, headroom,
+                                         up_margin)
+        self.clock = clock
+        self.device = _device_of(model)
+        self.history: Deque[Tuple[float, int, float]] = deque(maxlen=max_history)
+        self.t0 = clock()  # history times are seconds since this
+        self._set(self.controller.k)
+
+    @property
+    def active_heads(self) -> int:
+        return self.controller.k
+
+    @property
+    def heads(self) -> List[int]:
+        return self.controller.heads
+
+    @property
+    def latency_budget_ms(self) -> float:
+        return self.controller.budget_ms
+
+    def __call__(self, *args, **kwargs):
+        k = self.controller.k
+        if k != self._k:
+            self._set(k)
+        start = self.clock()
+        out, latency_ms = time_call(lambda: self.model(*args, **kwargs), self.device, self.clock)
+        self.history.append((start - self.t0, k, latency_ms))
+        self.controller.update(latency_ms, start + latency_ms / 1e3)
+        return out
+
+    def _set(self, k: int) -> None:
+        self.model.set_heads(k)  # O(1) for a HydraViT
+        self._k = k
+
+
+def _nearest_rank(ranked: Sequence[float], quantile: float) -> float:
+    """Nearest-rank quantile of sorted values (p90 of 20 calls: the 18th smallest)."""
+    return ranked[max(0, math.ceil(quantile * len(ranked) - 1e-9) - 1)]
+
+
+def _runnable(model) -> List[int]:
+    return list(getattr(model, 'separate_classifiers', None) or range(1, model.num_heads + 1))
+
+
+def _device_of(model) -> torch.device:
+    tensors = getattr(model, 'parameters', None)
+    first = next(tensors(), None) if callable(tensors) else None
+    return first.device if first is not None else torch.device('cpu')
+
+
+def _from_profile(profile: ProfileLike, heads: Sequence[int], entry_ms: float) -> Tuple[Dict[int, float], int]:
+    """(relative cost per k, start k): the most accurate k whose profiled p90 is within ``entry_ms``."""
+    rows = _latency_rows(profile)
+    by_k = {row['heads']: row for row in rows}
+    missing = [k for k in heads if k not in by_k]
+    if missing:
+        raise ValueError(f'profile has no latency for heads {missing}')
+    rows = [by_k[k] for k in heads]
+    # A larger k never costs less; a noisy measurement that says so would make the runner jump too far.
+    medians = np.maximum.accumulate([float(row['latency_ms_median']) for row in rows])
+    costs = dict(zip(heads, medians.tolist(), strict=True))
+    fitting = [row for row in rows if row['latency_ms_p90'] <= entry_ms]
+    if not fitting:
+        return costs, heads[0]
+    acc = accuracy_key(fitting)
+    return costs, max(fitting, key=lambda row: (row[acc], -row['heads']))['heads']
+
+
+def _latency_rows(profile: ProfileLike) -> List[Row]:
+    """A whole profile (file or object, checked against the schema), or bare rows with latency columns."""
+    if isinstance(profile, (str, Path, dict)):
+        return profile_rows(profile)
+    rows = [{'top1': None, **row} for row in profile]
+    needed = ('heads', 'latency_ms_median', 'latency_ms_p90')
+    bad = [row for row in rows if not all(isinstance(row.get(key), (int, float)) for key in needed)]
+    if not rows or bad:
+        raise ValueError(f'profile rows need numeric {needed}; got {bad[:1] or "no rows"}')
+    if len({row['top1'] is None for row in rows}) > 1:
+        raise ValueError('profile rows: give top1 for every row or none')
+    return rows
