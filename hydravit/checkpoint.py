@@ -5,11 +5,13 @@ or a ``.safetensors`` file. Pickled files are opened with ``torch.load(weights_o
 """
 import argparse
 import os
+import pickle
 from pathlib import Path
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 PathLike = Union[str, Path]
@@ -19,17 +21,65 @@ _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
 
 
 def load_checkpoint_file(path: PathLike) -> dict:
-    """Read a checkpoint without executing code from it."""
+    """Read a checkpoint without executing code from it.
+
+    Raises ``FileNotFoundError``, or ``ValueError`` naming the file: "truncated or corrupt" when it cannot be
+    parsed at all (an interrupted copy or save), "weights-only" when it holds objects other than tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.suffix == '.safetensors':
-        return load_file(str(path), device='cpu')
+        try:
+            return load_file(str(path), device='cpu')
+        except SafetensorError as e:
+            raise ValueError(_corrupt_message(path, e)) from e
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # unpickling refused or corrupt file
-        raise ValueError(f'cannot read checkpoint {path} as weights-only: {e}') from e
+    except pickle.UnpicklingError as e:
+        refused = _refused_global(e) or _plain_pickle(path)
+        if refused is None:  # garbage where the pickle should be
+            raise ValueError(_corrupt_message(path, e)) from e
+        raise ValueError(f'cannot read checkpoint {path} weights-only: {refused}; loading it otherwise could run '
+                         f'code from the file') from e
+    except MemoryError:
+        raise
+    # A cut-off file fails in many ways, none of which says so: EOFError, OSError "[Errno 22] Invalid argument",
+    # RuntimeError from the zip reader ("failed finding central directory"), KeyError from the pickle.
+    except Exception as e:
+        raise ValueError(_corrupt_message(path, e)) from e
+
+
+def _refused_global(error: pickle.UnpicklingError) -> Optional[str]:
+    """The weights-only unpickler's refusal of a class or function (the sentence naming it), else None."""
+    lines = [line for line in str(error).splitlines() if 'GLOBAL' in line]
+    return f'it holds objects other than tensors ({_first_sentence(lines[0])})' if lines else None
+
+
+def _plain_pickle(path: Path) -> Optional[str]:
+    """A whole pickle written by ``pickle.dump`` (protocol 3+) rather than ``torch.save``: the weights-only
+    unpickler stops at its first opcode, as it would on garbage, so the file's header tells them apart."""
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and 3 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        return f'a plain pickle (protocol {head[1]}), not a torch checkpoint of tensors'
+    return None
+
+
+def _first_sentence(text: str) -> str:
+    """torch's messages run to several sentences of advice; the first one says what happened."""
+    return text.strip().split('. ')[0].rstrip('.')[:160]
+
+
+def _corrupt_message(path: Path, error: Exception) -> str:
+    if isinstance(error, pickle.UnpicklingError):
+        reason = 'not a torch checkpoint: unpickling failed'
+    else:
+        detail = _first_sentence(str(error).splitlines()[0]) if str(error).strip() else ''
+        reason = type(error).__name__ + (f': {detail}' if detail else '')
+    return (f'checkpoint {path} is truncated or corrupt ({path.stat().st_size:,} bytes; {reason}); '
+            f'copy or save it again')
 
 
 def extract_state_dict(checkpoint: dict, use_ema: bool = False, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:

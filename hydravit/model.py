@@ -110,6 +110,19 @@ class HydraViT(VisionTransformer):
         """Embedding width of the active subnetwork (``active_heads * head_dim``)."""
         return self._active_heads * self.head_dim
 
+    @property
+    def p(self) -> int:
+        """Active embedding width, the official HydraViT code's name for it: ``model.p = 192`` is ``set_heads(3)``
+        on the 224 model. A width that is not a positive multiple of ``head_dim`` up to ``embed_dim`` raises."""
+        return self.active_embed_dim
+
+    @p.setter
+    def p(self, width: int) -> None:
+        if not (_is_int(width) and 0 < width <= self.embed_dim and width % self.head_dim == 0):
+            raise ValueError(f'p must be a positive multiple of head_dim {self.head_dim} up to embed_dim '
+                             f'{self.embed_dim}, got {width!r}')
+        self.set_heads(width // self.head_dim)
+
     def set_heads(self, k: int) -> None:
         """Select the subnetwork of the first ``k`` heads. O(1): nothing is allocated or copied."""
         if not _is_head_count(k, self.num_heads):
@@ -118,6 +131,8 @@ class HydraViT(VisionTransformer):
             raise ValueError(
                 f'heads={k} has no classifier; this model has separate classifiers for {self.separate_classifiers}')
         self._active_heads = int(k)
+        # A plain int attribute: torch.compile specializes on it and guards it, so every k gets its own graph
+        # (docs/training.md, --torchcompile) instead of silently reusing another width's.
         self.patch_embed.proj.active_out_channels = self.active_embed_dim
 
     # --- timm hooks ------------------------------------------------------------------------------
@@ -162,8 +177,12 @@ class HydraViT(VisionTransformer):
         return sum(t.numel() for t in subnetwork_state_dict(self, self.active_heads if k is None else k).values())
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_head_count(k: Any, num_heads: int) -> bool:
-    return isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k <= num_heads
+    return _is_int(k) and 1 <= k <= num_heads
 
 
 def _create_hydravit(variant: str, pretrained: bool = False, **kwargs) -> HydraViT:

@@ -272,3 +272,42 @@ def test_avg_pool_variant_slices_fc_norm():
         assert (model(x) - ref(x)).abs().max() <= 1e-6
         model.set_heads(2)
         assert (model(x) - hydravit.export_subnetwork(model, 2)(x)).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope='module')
+def hydra_base():
+    return timm.create_model('hydravit_dyn_patch16_224').eval()
+
+
+def test_p_is_the_settable_active_width(hydra_base):
+    model = hydra_base
+    model.set_heads(12)
+    assert model.p == 768
+    model.p = 192  # the official code's way of choosing the subnetwork
+    assert model.active_heads == 3 and model.p == 192 and model.active_embed_dim == 192
+    x = images(1, 224)
+    with torch.no_grad():
+        out_p = model(x)
+        model.set_heads(12)
+        model.set_heads(3)
+        assert torch.equal(out_p, model(x))
+    model.set_heads(7)
+    assert model.p == 448
+
+
+@pytest.mark.parametrize('bad', [0, -64, 100, 832, 192.0, '192', True, None])
+def test_p_rejects_widths_that_are_not_head_multiples(hydra_base, bad):
+    model = hydra_base
+    model.set_heads(6)
+    with pytest.raises(ValueError) as info:
+        model.p = bad
+    assert str(info.value) == f'p must be a positive multiple of head_dim 64 up to embed_dim 768, got {bad!r}'
+    assert model.active_heads == 6 and model.p == 384
+
+
+def test_p_on_separate_classifiers_needs_a_classifier():
+    model = small_model(separate_classifiers=(3, 6, 12))
+    model.p = 96
+    assert model.active_heads == 6
+    with pytest.raises(ValueError, match='separate classifiers'):
+        model.p = 64

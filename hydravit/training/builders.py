@@ -157,6 +157,18 @@ def create_amp(args: argparse.Namespace, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """``--device`` is a device torch knows, and CUDA is there when it is asked for."""
+    if not args.device:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ConfigError(f'--device: {e}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device: {args.device} requested but CUDA is not available')
+
+
 def setup_device(args: argparse.Namespace) -> torch.device:
     """CUDA if available else CPU; torchrun env -> process group (nccl on CUDA, gloo on CPU); per-rank seeds."""
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -191,6 +203,27 @@ def wrap_ddp(args: argparse.Namespace, model: nn.Module, device: torch.device) -
     if args.no_ddp_bb:
         ddp_kwargs['broadcast_buffers'] = False
     return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
+
+
+def compile_model(args: argparse.Namespace, model: nn.Module, num_head_counts: int) -> nn.Module:
+    """``--torchcompile BACKEND``: ``torch.compile`` after DDP, as timm's train.py does.
+
+    The active width is an int attribute of the model, which dynamo specializes on and guards: the first step at a
+    new k compiles a graph for that width, later steps at that k reuse it, and a k never runs another k's graph.
+    Dynamo keeps at most ``recompile_limit`` graphs per function (8 by default) and runs the model uncompiled past
+    that, so the limit is raised to two graphs per head count: one for each width, and room for the one dynamo adds
+    for a width when the batch size changes (it then makes the batch dimension dynamic).
+    """
+    if not args.torchcompile:
+        return model
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+    limit = max(getattr(config, name), 2 * num_head_counts)
+    setattr(config, name, limit)
+    if utils.is_primary(args):
+        _logger.info(f'torch.compile: backend {args.torchcompile}, mode {args.torchcompile_mode or "default"}; one '
+                     f'graph per head count (recompile limit {limit}), each compiled at its first step')
+    return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
 
 def check_dataset_classes(args: argparse.Namespace, dataset) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm import utils
+from timm.utils import checkpoint_saver
 
 from ..checkpoint import atomic_torch_save, check_state_dict_matches, extract_state_dict, load_checkpoint_file
 from .config import ConfigError, plain_args
@@ -96,6 +97,20 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
 
     def _replace(self, src, dst):
         os.replace(src, dst)
+
+    def _track_checkpoint(self, *args, **kwargs):
+        # timm logs the whole ranked list ("Current checkpoints:" and one line per file) at INFO on every save;
+        # here it is one DEBUG line per save.
+        timm_logger = logging.getLogger(checkpoint_saver.__name__)
+        level = timm_logger.level
+        timm_logger.setLevel(logging.WARNING)
+        try:
+            super()._track_checkpoint(*args, **kwargs)
+        finally:
+            timm_logger.setLevel(level)
+        _logger.debug('Checkpoints kept (best first): ' + ', '.join(
+            f'{os.path.basename(path)} ({"-" if metric is None else f"{metric:.4g}"})'
+            for path, metric in self.checkpoint_files))
 
     def _duplicate(self, src, dst):
         tmp = dst + '.tmp'

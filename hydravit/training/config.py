@@ -9,9 +9,13 @@ import argparse
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
+import torch
 import yaml
+from timm.optim import get_optimizer_info, list_optimizers
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
 from .objective import KD_CHAINS, TEACHER_KD
@@ -27,24 +31,42 @@ class ConfigError(ValueError):
 # timm train.py keys accepted only at these (neutral) values: the feature is not implemented here.
 UNSUPPORTED = {
     'aug_splits': 0, 'jsd_loss': False, 'split_bn': False, 'resplit': False, 'torchscript': False,
-    'torchcompile': None, 'pretrained': False, 'pretrained_path': None, 'fuser': '', 'bn_momentum': None,
+    'pretrained': False, 'pretrained_path': None, 'fuser': '', 'bn_momentum': None,
     'bn_eps': None, 'drop_block': None, 'amp_impl': 'native', 'tta': 0, 'log_wandb': False, 'sync_bn': False,
     'device_modules': None, 'save_images': False,
 }
 EVAL_METRICS = ('top1', 'top5', 'loss')  # mean over the evaluated head counts; or e.g. top1_k12 for one k
+PROG = 'python -m hydravit.train'
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: the full usage of ~150 flags would bury the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
 def _config_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+    """The first-stage parser: what must be known before the YAML file is read."""
+    parser = _Parser(prog=PROG, description='Training Config', add_help=False)
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='YAML file whose keys (timm train.py argument names) set defaults')
+    parser.add_argument('--check-only', action='store_true', default=False,
+                        help='check the arguments, the files they name and the data folder as a run would, print '
+                             'only errors, then exit (0: all good, 2: bad input) without writing anything. '
+                             'distributed_train.sh runs this once before torchrun starts the workers')
     return parser
+
+
+def is_check_only(argv: Optional[Sequence[str]] = None) -> bool:
+    """Whether ``argv`` asks for ``--check-only`` (read by the first-stage parser, before any YAML)."""
+    return _config_parser().parse_known_args(sys.argv[1:] if argv is None else argv)[0].check_only
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The main parser: timm train.py's arguments plus the HydraViT ones."""
-    parser = argparse.ArgumentParser(
-        prog='python -m hydravit.train', description='HydraViT training (stochastic head sampling on timm)',
+    parser = _Parser(
+        prog=PROG, description='HydraViT training (stochastic head sampling on timm)',
         parents=[_config_parser()])
     _add_data_args(parser)
     _add_model_args(parser)
@@ -108,7 +130,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--head-init-scale', default=None, type=float)
     group.add_argument('--head-init-bias', default=None, type=float)
     group.add_argument('--torchscript', action='store_true', default=False)
-    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                       help='torch.compile the model with this backend (default when given alone: inductor); one '
+                            'graph per head count, see docs/training.md')
+    group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                       help='torch.compile mode, e.g. max-autotune (default: torch\'s default)')
 
 
 def _add_hydra_args(parser: argparse.ArgumentParser) -> None:
@@ -310,6 +336,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
     args.config = config_args.config
+    args.check_only = config_args.check_only
     check_static_args(args)
     return args, yaml.safe_dump(plain_args(args), default_flow_style=False)
 
@@ -362,6 +389,8 @@ def check_static_args(args: argparse.Namespace) -> None:
         raise ConfigError('--init-slices: needs --initial-checkpoint')
     check_eval_metric(args.eval_metric, args.heads)
     check_step_args(args)
+    check_compile_args(args)
+    check_optimizer_and_schedule(args)
     if not (args.data or args.data_dir):
         raise ConfigError('--data-dir: give the dataset folder (positional DIR or --data-dir)')
     for key in ('lr', 'lr_base', 'weight_decay', 'smoothing', 'mixup', 'cutmix', 'reprob', 'drop'):
@@ -401,3 +430,34 @@ def check_step_args(args: argparse.Namespace) -> None:
     for key in ('teacher_checkpoint', 'teacher_kwargs', 'teacher_heads'):
         if getattr(args, key) and not args.teacher:
             raise ConfigError(f'--{key.replace("_", "-")}: given without --teacher')
+
+
+def check_compile_args(args: argparse.Namespace) -> None:
+    """``--torchcompile BACKEND`` must be a registered dynamo backend and ``--torchcompile-mode`` a known mode."""
+    if args.torchcompile is None:
+        if args.torchcompile_mode is not None:
+            raise ConfigError('--torchcompile-mode: given without --torchcompile')
+        return
+    if args.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f'--torchcompile: unknown backend {args.torchcompile!r} '
+                          f'(available: {", ".join(torch._dynamo.list_backends())})')
+    if args.torchcompile_mode is not None:
+        from torch._inductor import list_mode_options  # the modes torch.compile accepts
+        if args.torchcompile_mode not in list_mode_options():
+            raise ConfigError(f'--torchcompile-mode: unknown mode {args.torchcompile_mode!r} '
+                              f'(one of {", ".join(list_mode_options())})')
+
+
+def check_optimizer_and_schedule(args: argparse.Namespace) -> None:
+    """``--opt`` and ``--sched`` by timm's own rules (an optional ``lookahead_`` prefix; the scheduler factory's
+    names), so a typo stops the run here and not after the data and the model are set up."""
+    try:
+        get_optimizer_info(args.opt.lower().split('_')[-1])
+    except ValueError:
+        raise ConfigError(f'--opt: unknown optimizer {args.opt!r} (timm.optim.list_optimizers() has '
+                          f'{len(list_optimizers())}, e.g. sgd, adamw, lamb)') from None
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f'--sched: {e}') from None

@@ -23,11 +23,12 @@ from timm.data import resolve_data_config
 from timm.models import model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation.accuracy import evaluate_heads
 from .builders import (
     check_dataset_classes,
+    check_device,
+    compile_model,
     create_amp,
     create_model_ema,
     create_train_loss,
@@ -52,7 +53,7 @@ from .checkpointing import (
     rng_state,
     set_rng_state,
 )
-from .config import ConfigError, check_eval_metric, parse_args
+from .config import PROG, ConfigError, check_eval_metric, is_check_only, parse_args
 from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after
 from .objective import StepLosses, StepObjective, no_sync_unless
 from .report import EpochMeters, format_final_table, format_seconds, format_table, summary_keys
@@ -60,7 +61,6 @@ from .sampler import HeadSampler
 from .teacher import create_teacher
 
 _logger = logging.getLogger('train')
-PROG = 'python -m hydravit.train'
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,8 +73,8 @@ class Trainer:
     def __init__(self, args, model, model_ema, optimizer, loss_scaler, lr_scheduler, objective: StepObjective,
                  amp_autocast, device, heads, num_epochs):
         self.args = args
-        self.model = model  # possibly DDP-wrapped
-        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.model = model  # possibly DDP-wrapped and/or compiled
+        self.module = utils.unwrap_model(model)  # the HydraViT itself: validation, EMA updates
         self.model_ema = model_ema
         self.optimizer = optimizer
         self.loss_scaler = loss_scaler
@@ -88,6 +88,9 @@ class Trainer:
         self.num_epochs = num_epochs
         self.run_start = time.time()
         self.epoch_rng: Optional[List[dict]] = None  # every rank's RNG states at the start of this epoch
+        self.step_time = utils.AverageMeter()  # seconds per optimizer step of the last epoch
+        # head counts torch.compile has a graph for (None: eager): a step with a new one compiles first
+        self.compiled_heads: Optional[set] = set() if args.torchcompile else None
         self.position: dict = {}  # RNG states (and mid-epoch position) of the checkpoint being written
 
     def checkpoint_state(self) -> dict:
@@ -127,7 +130,7 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad()
         update_start = time.time()
-        update_samples, losses, heads = 0, None, []
+        update_samples, losses, heads, compiling = 0, None, [], []
         sync = no_sync_unless(model)
         for batch_idx, (input, target) in enumerate(loader):
             update_idx = batch_idx // accum_steps
@@ -141,6 +144,7 @@ class Trainer:
             if batch_idx % accum_steps == 0:
                 heads = self.objective.draw(epoch)  # one head set per optimizer step (see docs/training.md)
                 losses = StepLosses.zeros(self.device)
+                compiling = self._new_compiled_heads(heads)
             if not args.prefetcher:
                 input, target = input.to(self.device), target.to(self.device)
                 if mixup_fn is not None:
@@ -160,6 +164,9 @@ class Trainer:
             if args.synchronize_step and self.device.type == 'cuda':
                 torch.cuda.synchronize()
             meters.update(losses, update_samples, time.time() - update_start)
+            if compiling and utils.is_primary(args):
+                _logger.info(f'torch.compile: first step at k={",".join(map(str, compiling))} took '
+                             f'{meters.update_time.val:.1f} s, compiling included')
             update_start = time.time()
             if update_idx % args.log_interval == 0 or update_idx == updates_per_epoch - 1:
                 self._log_progress(epoch, update_idx, updates_per_epoch, meters, update_samples, heads)
@@ -171,7 +178,19 @@ class Trainer:
             update_samples = 0
         if hasattr(self.optimizer, 'sync_lookahead'):
             self.optimizer.sync_lookahead()
+        self.step_time = meters.update_time
         return meters.epoch_metrics(args, self.device)
+
+    def _new_compiled_heads(self, heads: Sequence[int]) -> List[int]:
+        """The head counts of this step that torch.compile has no graph for yet (announced: compiling is slow)."""
+        if self.compiled_heads is None:
+            return []
+        new = [k for k in heads if k not in self.compiled_heads]
+        self.compiled_heads.update(new)
+        if new and utils.is_primary(self.args):
+            _logger.info(f'torch.compile: compiling the graph for k={",".join(map(str, new))} (first step at this '
+                         f'width)')
+        return new
 
     def _backward(self, loss: torch.Tensor, need_update: bool) -> None:
         args = self.args
@@ -240,10 +259,15 @@ class Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    check_only = is_check_only(argv)
     if not logging.getLogger().handlers:  # keep the caller's logging (tests, notebooks) if configured
-        utils.setup_default_logging()
+        # --check-only runs before the workers, which log the same warnings again: it prints errors only
+        utils.setup_default_logging(default_level=logging.ERROR if check_only else logging.INFO)
     try:
         args, args_text = parse_args(argv)
+        if check_only:
+            prepare_run(args)
+            return 0
         return train(args, args_text)
     except ConfigError as e:
         print(f'{PROG}: error: {e}', file=sys.stderr)
@@ -274,7 +298,7 @@ def train(args: argparse.Namespace, args_text: str) -> int:
     model_ema = create_model_ema(args, model)
     if resume_ckpt is not None:
         restore_training_state(args, resume_ckpt, optimizer, loss_scaler, model_ema, sampler)
-    model = wrap_ddp(args, model, device)
+    model = compile_model(args, wrap_ddp(args, model, device), len(heads))
 
     # data
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
@@ -304,6 +328,7 @@ def train(args: argparse.Namespace, args_text: str) -> int:
 def prepare_run(args: argparse.Namespace):
     """Every check that needs no data: (resume checkpoint, model with initial weights, heads, sampler, teacher)."""
     args.data_dir = args.data_dir or args.data
+    check_device(args)
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     utils.random_seed(args.seed, 0)  # same initial weights on every rank and every run with this --seed
     model = create_train_model(args)
@@ -391,7 +416,8 @@ def run_epochs(trainer: Trainer, args, loader_train, loader_val, dataset_train, 
             train_metrics = trainer.train_one_epoch(epoch, loader_train, mixup_fn, skip_updates, resume_rng)
             skip_updates, resume_rng = 0, None
             if primary:
-                _logger.info(f'Epoch {epoch} done in {format_seconds(time.time() - epoch_start)}; '
+                _logger.info(f'Epoch {epoch} done in {format_seconds(time.time() - epoch_start)} '
+                             f'({trainer.step_time.count} steps, {trainer.step_time.avg:.3f} s/step); '
                              f'k trained so far: {trainer.sampler.histogram()}')
             eval_metrics, latest_metric = None, None
             last = epoch == num_epochs - 1
@@ -420,13 +446,24 @@ def run_epochs(trainer: Trainer, args, loader_train, loader_val, dataset_train, 
         return 130
     if primary and final_metrics is not None:
         _logger.info(format_final_table(trainer.module, trainer.heads, final_metrics))
-    if primary and best_metric is not None:
-        _logger.info(f'*** Best {eval_metric}: {best_metric:.4f} (epoch {best_epoch}); run took '
-                     f'{format_seconds(time.time() - trainer.run_start)}; checkpoints in {output_dir}')
+    if primary and output_dir is not None:
+        _logger.info(final_checkpoints_line(output_dir, eval_metric, best_metric, best_epoch, num_epochs - 1,
+                                            time.time() - trainer.run_start))
     if args.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def final_checkpoints_line(output_dir: str, eval_metric: str, best_metric: Optional[float],
+                           best_epoch: Optional[int], last_epoch: int, seconds: float) -> str:
+    """The run's last line: where its best and last checkpoints are."""
+    best = ''
+    if best_metric is not None:
+        best = (f'best {os.path.join(output_dir, "model_best.pth.tar")} ({eval_metric} {best_metric:.4f}, '
+                f'epoch {best_epoch}); ')
+    return (f'*** Done in {format_seconds(seconds)}. Checkpoints: {best}'
+            f'last {os.path.join(output_dir, "last.pth.tar")} (epoch {last_epoch})')
 
 
 if __name__ == '__main__':

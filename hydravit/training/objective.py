@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 
 from .sampler import HeadSampler
 
@@ -122,7 +123,7 @@ class StepObjective:
         ``backward(loss / divisor, final)`` (the
         micro-batches of an accumulated step). ``final`` is True only for the last backward of the optimizer step,
         and ``sync(final)`` wraps its forward and backward (DDP's no_sync for all others). Adds to ``losses``."""
-        module = getattr(model, 'module', model)  # DDP-wrapped or not: set_heads lives on the model itself
+        module = unwrap_model(model)  # set_heads lives on the HydraViT itself, under any DDP / compile wrapper
         teacher_logits = self._teacher_logits(input, autocast)
         previous: List[torch.Tensor] = []
         for i, k in enumerate(heads):
