@@ -67,6 +67,7 @@ RECIPES = {r.name: r for r in [
     Recipe('dedicated_k3', 'separately trained ViT, 3 heads', dedicated=3),
     Recipe('dedicated_k6', 'separately trained ViT, 6 heads', dedicated=6),
     Recipe('dedicated_k9', 'separately trained ViT, 9 heads', dedicated=9),
+    Recipe('sandwich_e40', 'sandwich, 4 per step, equal epochs (4x compute)', SANDWICH, epochs=BASE_EPOCHS),
     Recipe('sandwich_ikd_e40', 'sandwich + in-place KD, 4 per step, equal epochs (4x compute)',
            SANDWICH + ['--inplace-kd'], epochs=BASE_EPOCHS),
 ]}
