@@ -241,9 +241,39 @@ def write_report(rows: List[dict], report: Path) -> None:
             "passes per run; wall and CPU time (of the run's own process) on the 2-core CPU, two runs side by side "
             'with one thread each, beside other work: compare CPU minutes rather than wall minutes (runs that were '
             'interrupted and resumed are left out of the time columns).', '',
-            markdown_table(summarize(rows, ''), 'model'), '', markdown_table(summarize(rows, 'ema_'), 'EMA'), '']
+            markdown_table(summarize(rows, ''), 'model'), '', markdown_table(summarize(rows, 'ema_'), 'EMA'), '',
+            targets_table(rows), '']
     (report / 'comparison.md').write_text('\n'.join(text))
     plot(rows, report / 'comparison.png')
+
+
+def _means(rows: List[dict], recipe: str, prefix: str = '') -> dict:
+    runs = [r for r in rows if r['recipe'] == recipe]
+    return {k: statistics.mean(r[f'{prefix}top1_k{k}'] for r in runs) for k in HEADS
+            if runs and all(f'{prefix}top1_k{k}' in r for r in runs)}
+
+
+def targets_table(rows: List[dict]) -> str:
+    """The issue's targets per recipe (model top-1 means): the worst margin over both paper recipes across
+    k = 3..12, and the margin to the dedicated ViT at each dedicated k (met: >= 0 and >= -0.5 p.p.)."""
+    papers = [_means(rows, name) for name in ('paper_uniform', 'paper_weighted')]
+    dedicated = {RECIPES[n].dedicated: _means(rows, n)[RECIPES[n].dedicated] for n in RECIPES
+                 if RECIPES[n].dedicated is not None and _means(rows, n)}
+    ded_ks = sorted(dedicated)
+    out = ['**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
+           'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5.', '',
+           '| recipe | vs paper | ' + ' | '.join(f'vs dedicated k={k}' for k in ded_ks) + ' | all met |',
+           '|' + '---|' * (len(ded_ks) + 3)]
+    for name, recipe in RECIPES.items():
+        means = _means(rows, name)
+        if recipe.dedicated is not None or len(means) < len(HEADS) or not all(len(p) == len(HEADS) for p in papers):
+            continue
+        vs_paper = min(means[k] - max(p[k] for p in papers) for k in HEADS)
+        gaps = [means[k] - dedicated[k] for k in ded_ks]
+        met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
+        out.append(f'| {name} | {vs_paper:+.2f} | ' + ' | '.join(f'{g:+.2f}' for g in gaps) +
+                   f' | {"yes" if met else "no"} |')
+    return '\n'.join(out)
 
 
 def _column_order(key: str):

@@ -52,3 +52,11 @@ def test_recipe_flags_build_dedicated_models_of_exactly_k_heads():
     assert flags[-6:] == ['--heads', '6', '--weights', '1', '--model-kwargs', 'embed_dim=96', 'num_heads=6'][-6:]
     sandwich = compare.RECIPES['sandwich_ikd'].train_flags()
     assert '--inplace-kd' in sandwich and sandwich[sandwich.index('--epochs') + 1] == '10'  # equal compute
+
+
+def test_targets_table_names_which_targets_a_recipe_meets():
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), _row('sandwich', 0, 81.5)]
+    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9, 12)]  # dedicated k: 81.8 + k
+    text = compare.targets_table(rows)
+    assert '| sandwich | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
+    assert '| paper_uniform | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
