@@ -31,6 +31,7 @@ from threading import Lock
 from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 CONFIG = 'configs/digits.yaml'
 HEADS = list(range(3, 13))
 UNIFORM = ['--weights'] + ['1'] * len(HEADS)
@@ -172,27 +173,19 @@ def git_commit() -> str:
 def load_results(runs: Path, report: Path) -> List[dict]:
     """Finished runs: the run folders' result.json, plus the rows of an earlier report (committed, so that a
     later session on another machine continues the comparison instead of repeating it)."""
+    from hydravit.evaluation.common import read_results
+
     rows = {}
     if (report / 'comparison.csv').is_file():
-        with open(report / 'comparison.csv') as f:
-            for row in csv.DictReader(f):
-                row = {k: _number(v) for k, v in row.items() if v != ''}
-                rows[(row['recipe'], row['seed'])] = row
+        for row in read_results(report / 'comparison.csv'):
+            row = {k: v for k, v in row.items() if v is not None}
+            rows[(row['recipe'], row['seed'])] = row
     for name in RECIPES:
         for path in sorted((runs / name).glob('seed*/result.json')):
             row = json.loads(path.read_text())
             rows[(row['recipe'], row['seed'])] = row
     return [rows[key] for key in sorted(rows, key=lambda key: (list(RECIPES).index(key[0]), key[1]))
             if key[0] in RECIPES]
-
-
-def _number(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def mean_std(values: Sequence[float]) -> str:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import hydravit  # noqa: F401  registers the models
 from hydravit.deploy import ElasticRunner, export_cli, load, onnx, pick, profile, serve_bench
@@ -34,17 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    for name in ('cat', 'dog'):
-        (root / name).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f'{i}.png')
-    return root
 
 
 @pytest.fixture(scope='module')

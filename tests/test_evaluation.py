@@ -35,18 +35,6 @@ QUICK_BENCH = ['--num-warm-iter', '1', '--num-bench-iter', '3']
 
 # --- fixtures ----------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def image_folder(tmp_path_factory) -> Path:
-    """2 classes x 4 random 32x32 RGB PNGs."""
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    for name in ('cat', 'dog'):
-        (root / name).mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f'{i}.png')
-    return root
-
-
-@pytest.fixture(scope='module')
 def models():
     torch.manual_seed(0)
     plain = timm.create_model(SMALL, num_classes=NUM_CLASSES).eval()
