@@ -411,11 +411,7 @@ def check_eval_metric(metric: str, heads: Optional[List[int]]) -> None:
 
 def check_step_args(args: argparse.Namespace) -> None:
     """Subnetworks-per-step and distillation flags that contradict each other or are out of range."""
-    if args.subnets_per_step < 1:
-        raise ConfigError(f'--subnets-per-step: must be >= 1, got {args.subnets_per_step}')
-    if args.subnet_policy != 'random' and args.subnets_per_step < 2:
-        raise ConfigError(f'--subnet-policy {args.subnet_policy}: needs --subnets-per-step >= 2 (the largest and '
-                          f'the smallest head count every step)')
+    # --subnets-per-step against --subnet-policy, --heads and --weights: HeadSampler.check_step, in prepare_run
     if not (math.isfinite(args.kd_alpha) and 0.0 <= args.kd_alpha <= 1.0):
         raise ConfigError(f'--kd-alpha: must be in [0, 1], got {args.kd_alpha}')
     if not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0):

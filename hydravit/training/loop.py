@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
 from datetime import datetime
 from typing import Dict, List, Optional, Sequence
 
@@ -56,7 +55,7 @@ from .checkpointing import (
 from .config import PROG, ConfigError, check_eval_metric, is_check_only, parse_args
 from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after
 from .objective import StepLosses, StepObjective, no_sync_unless
-from .report import EpochMeters, format_final_table, format_seconds, format_table, summary_keys
+from .report import EpochMeters, format_final_table, format_seconds, format_table, heads_metrics, summary_keys
 from .sampler import HeadSampler
 from .teacher import create_teacher
 
@@ -247,12 +246,7 @@ class Trainer:
                                   distributed=self.args.distributed)
         finally:
             set_rng_state(state)
-        metrics = OrderedDict()
-        for row in rows:
-            for name in ('loss', 'top1', 'top5'):
-                metrics[f'{name}_k{row["heads"]}'] = row[name]
-        for name in ('top1', 'top5', 'loss'):
-            metrics[name] = sum(row[name] for row in rows) / len(rows)
+        metrics = heads_metrics(rows)
         if utils.is_primary(self.args):
             _logger.info(format_table(model, self.heads, metrics, label))
         return metrics
@@ -265,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         utils.setup_default_logging(default_level=logging.ERROR if check_only else logging.INFO)
     try:
         args, args_text = parse_args(argv)
-        if check_only:
+        if args.check_only:
             prepare_run(args)
             return 0
         return train(args, args_text)

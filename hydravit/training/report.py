@@ -65,9 +65,20 @@ def format_seconds(seconds: float) -> str:
     return str(timedelta(seconds=int(max(0.0, seconds))))
 
 
+PER_K_METRICS = ('loss', 'top1', 'top5')  # per head count, in this order
+MEAN_METRICS = ('top1', 'top5', 'loss')  # means over the head counts, after the per-k ones
+
+
+def heads_metrics(rows: Sequence[dict]) -> Dict[str, float]:
+    """Validation rows (one per k) as summary metrics: loss_k3, top1_k3, top5_k3, ..., then the means."""
+    metrics = OrderedDict((f'{name}_k{row["heads"]}', row[name]) for row in rows for name in PER_K_METRICS)
+    metrics.update((name, sum(row[name] for row in rows) / len(rows)) for name in MEAN_METRICS)
+    return metrics
+
+
 def summary_keys(heads: Sequence[int], with_ema: bool) -> List[str]:
-    """summary.csv's eval columns, in the order validation fills them: timm's update_summary writes every row in
-    its own key order under the first row's header, so the placeholder row of an epoch without validation
+    """summary.csv's eval columns, in the order ``heads_metrics`` fills them: timm's update_summary writes every
+    row in its own key order under the first row's header, so the placeholder row of an epoch without validation
     must list the keys exactly as a validated epoch does."""
-    keys = [f'{m}_k{k}' for k in heads for m in ('loss', 'top1', 'top5')] + ['top1', 'top5', 'loss']
+    keys = [f'{m}_k{k}' for k in heads for m in PER_K_METRICS] + list(MEAN_METRICS)
     return keys + (['ema_' + key for key in keys] if with_ema else [])

@@ -6,7 +6,7 @@ from typing import Optional
 import timm
 import torch.nn as nn
 
-from ..checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file
+from ..checkpoint import load_model_weights
 from ..cli import parse_heads
 from .config import ConfigError
 
@@ -43,11 +43,9 @@ def _build(name: str, kwargs: dict) -> nn.Module:
 
 def _load_weights(teacher: nn.Module, path: str) -> None:
     try:
-        state_dict = extract_state_dict(load_checkpoint_file(path), source=path)
-        check_state_dict_matches(teacher, state_dict, source=path)
+        load_model_weights(teacher, path)
     except (ValueError, KeyError) as e:
         raise ConfigError(f'--teacher-checkpoint: {e}') from e
-    teacher.load_state_dict(state_dict, strict=True)
 
 
 def _set_teacher_heads(teacher: nn.Module, heads: int) -> None:
