@@ -5,6 +5,7 @@
     python scripts/compare_recipes.py --recipes paper_uniform sandwich_ikd --seeds 0
     python scripts/compare_recipes.py --report-only        # tables and plot from the runs done so far
     python scripts/compare_recipes.py --list               # the plan: recipes, flags, what is done
+    python scripts/compare_recipes.py --report-only --update-docs   # and the tables in README, docs/training.md
 
 Every (recipe, seed) is one ``python -m hydravit.train`` run of configs/digits.yaml plus the recipe's flags, in
 RUNS/RECIPE/seedS. A run that finished (``result.json``) is skipped; one that stopped part-way continues from its
@@ -189,10 +190,12 @@ def load_results(runs: Path, report: Path) -> List[dict]:
 
 
 def mean_std(values: Sequence[float]) -> str:
+    """Mean +- sample std; one value has no spread to show, only its mean."""
     if not values:
         return ''
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):.2f} ± {std:.2f}'
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
 def summarize(rows: List[dict], prefix: str) -> List[dict]:
@@ -241,10 +244,44 @@ def write_report(rows: List[dict], report: Path) -> None:
     plot(rows, report / 'comparison.png')
 
 
+def summary_table(rows: List[dict], ks: Sequence[int] = (3, 6, 9, 12)) -> str:
+    """README's compact view: model top-1 at the dedicated widths, with the compute of each recipe."""
+    head = ['recipe', 'seeds', 'epochs', 'subnet passes', 'CPU (min)'] + [f'k={k}' for k in ks]
+    out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for line in summarize(rows, ''):
+        cells = [line['recipe'], line['seeds'], line['epochs'], line['passes'], line['cpu_min']]
+        out.append('| ' + ' | '.join(str(c) for c in cells + [line[k] for k in ks]) + ' |')
+    return '\n'.join(out)
+
+
+def replace_block(path: Path, marker: str, text: str) -> None:
+    """Put ``text`` between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in ``path``."""
+    start, end = f'<!-- {marker}:start -->', f'<!-- {marker}:end -->'
+    content = path.read_text()
+    if content.count(start) != 1 or content.count(end) != 1 or content.index(start) > content.index(end):
+        raise SystemExit(f'{path}: needs exactly one {start} ... {end} block')
+    head, rest = content.split(start)
+    path.write_text(head + start + '\n' + text.strip() + '\n' + end + rest.split(end, 1)[1])
+
+
+def update_docs(rows: List[dict], report: Path) -> None:
+    """README (compact table + targets) and docs/training.md (the full report) from the same rows."""
+    replace_block(ROOT / 'README.md', 'comparison_summary',
+                  'Model top-1 (%), mean ± std over seeds (EMA and every k: '
+                  '[docs/comparison/comparison.md](docs/comparison/comparison.md)):\n\n'
+                  + summary_table(rows) + '\n\n' + targets_table(rows))
+    body = (report / 'comparison.md').read_text().split('\n', 2)[2]  # without its title
+    replace_block(ROOT / 'docs' / 'training.md', 'comparison_report', body)
+
+
 def _means(rows: List[dict], recipe: str, prefix: str = '') -> dict:
     runs = [r for r in rows if r['recipe'] == recipe]
     return {k: statistics.mean(r[f'{prefix}top1_k{k}'] for r in runs) for k in HEADS
             if runs and all(f'{prefix}top1_k{k}' in r for r in runs)}
+
+
+def _passes(rows: List[dict], recipe: str) -> float:
+    return statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == recipe)
 
 
 def targets_table(rows: List[dict]) -> str:
@@ -255,9 +292,10 @@ def targets_table(rows: List[dict]) -> str:
                  if RECIPES[n].dedicated is not None and _means(rows, n)}
     ded_ks = sorted(dedicated)
     out = ['**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
-           'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5.', '',
-           '| recipe | vs paper | ' + ' | '.join(f'vs dedicated k={k}' for k in ded_ks) + ' | all met |',
-           '|' + '---|' * (len(ded_ks) + 3)]
+           'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5; '
+           '`compute` = subnetwork passes relative to the paper recipes.', '',
+           '| recipe | compute | vs paper | ' + ' | '.join(f'vs dedicated k={k}' for k in ded_ks) + ' | all met |',
+           '|' + '---|' * (len(ded_ks) + 4)]
     for name, recipe in RECIPES.items():
         means = _means(rows, name)
         if recipe.dedicated is not None or len(means) < len(HEADS) or not all(len(p) == len(HEADS) for p in papers):
@@ -265,7 +303,8 @@ def targets_table(rows: List[dict]) -> str:
         vs_paper = min(means[k] - max(p[k] for p in papers) for k in HEADS)
         gaps = [means[k] - dedicated[k] for k in ded_ks]
         met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
-        out.append(f'| {name} | {vs_paper:+.2f} | ' + ' | '.join(f'{g:+.2f}' for g in gaps) +
+        compute = _passes(rows, name) / _passes(rows, 'paper_uniform')
+        out.append(f'| {name} | {compute:.0f}x | {vs_paper:+.2f} | ' + ' | '.join(f'{g:+.2f}' for g in gaps) +
                    f' | {"yes" if met else "no"} |')
     return '\n'.join(out)
 
@@ -328,6 +367,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--jobs', type=int, default=2, help='runs side by side, 2 // jobs threads each (default: 2)')
     parser.add_argument('--report-only', action='store_true', help='rewrite the report from finished runs')
     parser.add_argument('--list', action='store_true', help='print the plan and what is done, run nothing')
+    parser.add_argument('--update-docs', action='store_true',
+                        help="put the tables into README.md and docs/training.md (between their markers)")
     return parser.parse_args(argv)
 
 
@@ -387,6 +428,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = load_results(runs, report)
     if rows:
         write_report(rows, report)
+        if args.update_docs:
+            update_docs(rows, report)
         print((report / 'comparison.md').read_text())
     return 0
 

@@ -55,8 +55,31 @@ def test_recipe_flags_build_dedicated_models_of_exactly_k_heads():
 
 
 def test_targets_table_names_which_targets_a_recipe_meets():
-    rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), _row('sandwich', 0, 81.5)]
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), _row('sandwich', 0, 81.5),
+            {**_row('sandwich_e40', 0, 82.0), 'subnet_passes': 4 * 3360}]
     rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9, 12)]  # dedicated k: 81.8 + k
     text = compare.targets_table(rows)
-    assert '| sandwich | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
-    assert '| paper_uniform | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
+    assert '| sandwich | 1x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
+    assert '| paper_uniform | 1x | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
+    assert '| sandwich_e40 | 4x | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
+
+
+def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
+    (tmp_path / 'docs').mkdir()
+    readme, training = tmp_path / 'README.md', tmp_path / 'docs' / 'training.md'
+    readme.write_text('intro\n<!-- comparison_summary:start -->\nold\n<!-- comparison_summary:end -->\nrest\n')
+    training.write_text('a\n<!-- comparison_report:start -->\nold\n<!-- comparison_report:end -->\nb\n')
+    monkeypatch.setattr(compare, 'ROOT', tmp_path)
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_uniform', 1, 82.0), _row('dedicated_k3', 0, 90.0)]
+    compare.write_report(rows, tmp_path / 'report')
+    compare.update_docs(rows, tmp_path / 'report')
+    text = readme.read_text()
+    assert text.startswith('intro\n<!-- comparison_summary:start -->\nModel top-1') and text.endswith(
+        '<!-- comparison_summary:end -->\nrest\n')
+    assert '| paper_uniform | 2 | 40 | 3360 | 0.5 | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' in text
+    assert '| dedicated_k3 | 1 | 40 | 3360 | 0.5 | 93.00 |  |  |  |' in text  # one seed: no spread shown
+    assert 'old' not in text and 'old' not in training.read_text()
+    assert '**EMA**' in training.read_text() and training.read_text().endswith('<!-- comparison_report:end -->\nb\n')
+    readme.write_text('no markers\n')
+    with pytest.raises(SystemExit, match='needs exactly one <!-- comparison_summary:start -->'):
+        compare.update_docs(rows, tmp_path / 'report')
