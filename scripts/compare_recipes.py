@@ -335,6 +335,13 @@ def plot(rows: List[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def _legend(rows: List[dict], recipe: str, seeds: int) -> str:
+    label = f'{recipe} ({seeds} seed{"s" if seeds > 1 else ""}'
+    if any(r['recipe'] == 'paper_uniform' for r in rows):
+        label += f', {_passes(rows, recipe) / _passes(rows, "paper_uniform"):.0f}x compute'
+    return label + ')'
+
+
 def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
     dedicated = {}
     for name, recipe in RECIPES.items():
@@ -348,7 +355,7 @@ def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
         values = [[r[f'{prefix}top1_k{k}'] for r in runs] for k in ks]
         means = [statistics.mean(v) for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        ax.errorbar(ks, means, yerr=stds, marker='o', ms=3, capsize=2, label=f'{name} ({len(runs)} seeds)')
+        ax.errorbar(ks, means, yerr=stds, marker='o', ms=3, capsize=2, label=_legend(rows, name, len(runs)))
     if dedicated:
         ks = sorted(dedicated)
         ax.errorbar(ks, [statistics.mean(dedicated[k]) for k in ks],

@@ -83,3 +83,12 @@ def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
     readme.write_text('no markers\n')
     with pytest.raises(SystemExit, match='needs exactly one <!-- comparison_summary:start -->'):
         compare.update_docs(rows, tmp_path / 'report')
+
+
+def test_digits_plus_config_is_exactly_the_compared_recipe():
+    from hydravit.training.config import parse_args
+    compared, _ = parse_args(['data', '--config', str(ROOT / compare.CONFIG)]
+                             + compare.RECIPES['sandwich_ikd_e40'].train_flags())
+    plus, _ = parse_args(['data', '--config', str(ROOT / 'configs' / 'digits_plus.yaml')])
+    assert {**vars(plus), 'config': None} == {**vars(compared), 'config': None}
+    assert (plus.subnets_per_step, plus.subnet_policy, plus.inplace_kd, plus.epochs) == (4, 'sandwich', True, 40)
