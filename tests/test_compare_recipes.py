@@ -29,7 +29,7 @@ def test_report_gives_mean_and_std_over_seeds_and_resumes_from_its_csv(tmp_path)
         (folder / 'result.json').write_text(json.dumps(row))
     compare.write_report(rows, report)
     text = (report / 'comparison.md').read_text()
-    assert '| paper_uniform | 2 | 40 | 3360 | 1.0 | 0.5 | 84.00 ± 1.41 |' in text  # k=3: 83 and 85
+    assert '| paper_uniform | 2 | 40 | 3360 |  | 1.0 | 0.5 | 84.00 ± 1.41 |' in text  # k=3: 83 and 85
     assert (report / 'comparison.png').stat().st_size > 10_000
     # a later session on another machine: no run folders, the committed CSV says what is done
     reloaded = compare.load_results(tmp_path / 'elsewhere', report)
@@ -76,8 +76,8 @@ def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.startswith('intro\n<!-- comparison_summary:start -->\nModel top-1') and text.endswith(
         '<!-- comparison_summary:end -->\nrest\n')
-    assert '| paper_uniform | 2 | 40 | 3360 | 0.5 | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' in text
-    assert '| dedicated_k3 | 1 | 40 | 3360 | 0.5 | 93.00 |  |  |  |' in text  # one seed: no spread shown
+    assert '| paper_uniform | 2 | 40 | 3360 |  | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' in text
+    assert '| dedicated_k3 | 1 | 40 | 3360 |  | 93.00 |  |  |  |' in text  # one seed: no spread shown
     assert 'old' not in text and 'old' not in training.read_text()
     assert '**EMA**' in training.read_text() and training.read_text().endswith('<!-- comparison_report:end -->\nb\n')
     readme.write_text('no markers\n')
@@ -92,3 +92,19 @@ def test_digits_plus_config_is_exactly_the_compared_recipe():
     plus, _ = parse_args(['data', '--config', str(ROOT / 'configs' / 'digits_plus.yaml')])
     assert {**vars(plus), 'config': None} == {**vars(compared), 'config': None}
     assert (plus.subnets_per_step, plus.subnet_policy, plus.inplace_kd, plus.epochs) == (4, 'sandwich', True, 40)
+
+
+def test_training_time_counts_each_epoch_once_across_a_resume(tmp_path):
+    (tmp_path / 'seed0').mkdir()
+    log = tmp_path / 'seed0' / 'train.log'
+    log.write_text('Epoch 0 done in 0:00:41; k trained so far: {12: 84}\n'
+                   'Train: 1/2 [  10/84]  (stopped here, then resumed from epoch 0)\n'
+                   'Epoch 0 done in 0:00:40 (84 steps, 0.4 s/step); k ...\n'
+                   'Epoch 1 done in 1:02:03 (84 steps, 44.3 s/step); k ...\n')
+    assert compare.training_seconds(log) == 40 + 3600 + 2 * 60 + 3
+    # rows recorded before the column existed get it from their log
+    runs, report = tmp_path / 'runs', tmp_path / 'report'
+    compare.write_report([_row('dedicated_k3', 0, 90.0)], report)
+    compare.run_dir(runs, 'dedicated_k3', 0).mkdir(parents=True)
+    (compare.run_dir(runs, 'dedicated_k3', 0) / 'train.log').write_text(log.read_text())
+    assert compare.load_results(runs, report)[0]['train_s'] == 3763.0
