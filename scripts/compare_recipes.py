@@ -323,8 +323,10 @@ def targets_table(rows: List[dict]) -> str:
         means = _means(rows, name)
         if recipe.dedicated is not None or len(means) < len(HEADS) or not all(len(p) == len(HEADS) for p in papers):
             continue
-        vs_paper = min(means[k] - max(p[k] for p in papers) for k in HEADS)
-        gaps = [means[k] - dedicated[k] for k in ded_ks]
+        # rounded (+ 0.0 turns -0.0 into 0.0): top-1 values are counts over 450 images, so a tie must not turn
+        # into a miss by float noise
+        vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
+        gaps = [round(means[k] - dedicated[k], 6) + 0.0 for k in ded_ks]
         met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
         compute = _passes(rows, name) / _passes(rows, 'paper_uniform')
         out.append(f'| {name} | {compute:.0f}x | {vs_paper:+.2f} | ' + ' | '.join(f'{g:+.2f}' for g in gaps) +

@@ -64,6 +64,16 @@ def test_targets_table_names_which_targets_a_recipe_meets():
     assert '| sandwich_e40 | 4x | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
 
 
+def test_targets_table_counts_a_tie_with_the_paper_as_met():
+    # equal means over three seeds from other per-seed counts out of 450 images: the float means differ by 1e-14
+    def seeds(recipe: str, counts: tuple) -> list:
+        return [{**_row(recipe, seed, 0.0), **{f'top1_k{k}': 100 * count / 450 for k in compare.HEADS}}
+                for seed, count in enumerate(counts)]
+    rows = seeds('sandwich', (420, 421, 431)) + seeds('paper_uniform', (424,) * 3) + seeds('paper_weighted', (400,))
+    rows += [{**_row(f'dedicated_k{k}', 0, 0.0), f'top1_k{k}': 100 * 424 / 450} for k in (3, 6, 9, 12)]
+    assert '| sandwich | 1x | +0.00 | +0.00 | +0.00 | +0.00 | +0.00 | yes |' in compare.targets_table(rows)
+
+
 def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
     (tmp_path / 'docs').mkdir()
     readme, training = tmp_path / 'README.md', tmp_path / 'docs' / 'training.md'
