@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 		--output $(DEMO_OUT) --experiment digits && \
 	echo "demo wall time (data + training + validation): $$(( $$(date +%s) - start )) s"
 
-# The best recipe of the digits comparison (sandwich of 4 + in-place KD): 4x the demo's compute.
+# The best recipe of the digits comparison (sandwich of 4, 40 epochs): 4x the demo's compute.
 demo-plus:
 	$(MAKE) demo DEMO_CONFIG=configs/digits_plus.yaml DEMO_OUT=output/demo_plus
 

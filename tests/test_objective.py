@@ -261,12 +261,16 @@ def test_teacher_heads_out_of_range_is_refused(data_dir, tmp_path, capsys):
     assert 'error: --teacher-heads: head counts must be ints in 1..12, got [20]' in capsys.readouterr().err
 
 
-def test_plus_imagenet_recipe_loads_and_needs_its_teacher_file(tmp_path, capsys):
+def test_plus_imagenet_recipe_loads_and_its_scala_flags_need_a_teacher_file(tmp_path, capsys):
     from hydravit.training.config import parse_args
     recipe = str(ROOT / 'configs' / 'hydravit_plus_imagenet.yaml')
-    args, _ = parse_args([str(tmp_path), '--config', recipe, '--teacher-checkpoint', 'regnety_160.pth'])
-    assert (args.subnets_per_step, args.subnet_policy, args.inplace_kd, args.teacher) == (4, 'sandwich', True,
-                                                                                         'regnety_160')
+    args, _ = parse_args([str(tmp_path), '--config', recipe])
+    assert (args.subnets_per_step, args.subnet_policy, args.inplace_kd, args.teacher) == (4, 'sandwich', False, '')
     assert args.mixup == 0.8 and args.model_ema_decay == 0.99996  # the paper's recipe underneath
-    assert run_train(str(tmp_path), '--config', recipe) == 2
+    scala = ['--inplace-kd', '--kd-chain', 'progressive', '--subnet-policy', 'stratified', '--full-warmup-epochs',
+             '10', '--teacher', 'regnety_160', '--teacher-kd', 'hard']  # the header's Scala line
+    args, _ = parse_args([str(tmp_path), '--config', recipe, *scala, '--teacher-checkpoint', 'regnety_160.pth'])
+    assert (args.inplace_kd, args.kd_chain, args.subnet_policy, args.full_warmup_epochs) == (
+        True, 'progressive', 'stratified', 10)
+    assert run_train(str(tmp_path), '--config', recipe, *scala) == 2
     assert 'error: --teacher-checkpoint: required with --teacher' in capsys.readouterr().err
