@@ -225,8 +225,7 @@ def summarize(rows: List[dict], prefix: str) -> List[dict]:
         line = {'recipe': name, 'seeds': len(runs), 'epochs': recipe.epochs,
                 'passes': int(statistics.mean(r['subnet_passes'] for r in runs)),
                 'train_min': _minutes([r['train_s'] for r in runs if 'train_s' in r]),
-                'wall_min': round(statistics.mean(r['wall_s'] for r in timed) / 60, 1) if timed else '',
-                'cpu_min': round(statistics.mean(r['cpu_s'] for r in timed) / 60, 1) if timed else ''}
+                'wall_min': _minutes([r['wall_s'] for r in timed]), 'cpu_min': _minutes([r['cpu_s'] for r in timed])}
         for k in HEADS:
             line[k] = mean_std([r[f'{prefix}top1_k{k}'] for r in runs if f'{prefix}top1_k{k}' in r])
         lines.append(line)
@@ -237,14 +236,16 @@ def _minutes(seconds: Sequence[float]) -> str:
     return f'{statistics.mean(seconds) / 60:.1f}' if seconds else ''
 
 
+def pipe_table(head: Sequence[str], body: Sequence[Sequence]) -> str:
+    """A markdown table: the header, its rule and one line per row of cells."""
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in cells) + ' |' for cells in body])
+
+
 def markdown_table(lines: List[dict], title: str) -> str:
+    columns = ['recipe', 'seeds', 'epochs', 'passes', 'train_min', 'wall_min', 'cpu_min', *HEADS]
     head = ['recipe', 'seeds', 'epochs', 'passes', 'train (min)', 'wall (min)', 'CPU (min)'] + [f'k={k}' for k in HEADS]
-    out = [f'**{title}**', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for line in lines:
-        cells = [line['recipe'], line['seeds'], line['epochs'], line['passes'], line['train_min'], line['wall_min'],
-                 line['cpu_min']]
-        out.append('| ' + ' | '.join(str(c) for c in cells + [line[k] for k in HEADS]) + ' |')
-    return '\n'.join(out)
+    return f'**{title}**\n\n' + pipe_table(head, [[line[c] for c in columns] for line in lines])
 
 
 def write_report(rows: List[dict], report: Path) -> None:
@@ -269,12 +270,9 @@ def write_report(rows: List[dict], report: Path) -> None:
 
 def summary_table(rows: List[dict], ks: Sequence[int] = (3, 6, 9, 12)) -> str:
     """README's compact view: model top-1 at the dedicated widths, with the compute of each recipe."""
+    columns = ['recipe', 'seeds', 'epochs', 'passes', 'train_min', *ks]
     head = ['recipe', 'seeds', 'epochs', 'subnet passes', 'train (min)'] + [f'k={k}' for k in ks]
-    out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for line in summarize(rows, ''):
-        cells = [line['recipe'], line['seeds'], line['epochs'], line['passes'], line['train_min']]
-        out.append('| ' + ' | '.join(str(c) for c in cells + [line[k] for k in ks]) + ' |')
-    return '\n'.join(out)
+    return pipe_table(head, [[line[c] for c in columns] for line in summarize(rows, '')])
 
 
 def replace_block(path: Path, marker: str, text: str) -> None:
@@ -303,8 +301,11 @@ def _means(rows: List[dict], recipe: str, prefix: str = '') -> dict:
             if runs and all(f'{prefix}top1_k{k}' in r for r in runs)}
 
 
-def _passes(rows: List[dict], recipe: str) -> float:
-    return statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == recipe)
+def _compute_multiple(rows: List[dict], recipe: str) -> float:
+    """The recipe's subnetwork passes per run relative to the paper recipe's (1 = equal compute)."""
+    def passes(name: str) -> float:
+        return statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == name)
+    return passes(recipe) / passes('paper_uniform')
 
 
 def targets_table(rows: List[dict]) -> str:
@@ -314,11 +315,7 @@ def targets_table(rows: List[dict]) -> str:
     dedicated = {RECIPES[n].dedicated: _means(rows, n)[RECIPES[n].dedicated] for n in RECIPES
                  if RECIPES[n].dedicated is not None and _means(rows, n)}
     ded_ks = sorted(dedicated)
-    out = ['**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
-           'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5; '
-           '`compute` = subnetwork passes relative to the paper recipes.', '',
-           '| recipe | compute | vs paper | ' + ' | '.join(f'vs dedicated k={k}' for k in ded_ks) + ' | all met |',
-           '|' + '---|' * (len(ded_ks) + 4)]
+    body = []
     for name, recipe in RECIPES.items():
         means = _means(rows, name)
         if recipe.dedicated is not None or len(means) < len(HEADS) or not all(len(p) == len(HEADS) for p in papers):
@@ -328,10 +325,12 @@ def targets_table(rows: List[dict]) -> str:
         vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
         gaps = [round(means[k] - dedicated[k], 6) + 0.0 for k in ded_ks]
         met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
-        compute = _passes(rows, name) / _passes(rows, 'paper_uniform')
-        out.append(f'| {name} | {compute:.0f}x | {vs_paper:+.2f} | ' + ' | '.join(f'{g:+.2f}' for g in gaps) +
-                   f' | {"yes" if met else "no"} |')
-    return '\n'.join(out)
+        body.append([name, f'{_compute_multiple(rows, name):.0f}x', f'{vs_paper:+.2f}', *(f'{g:+.2f}' for g in gaps),
+                     'yes' if met else 'no'])
+    head = ['recipe', 'compute', 'vs paper', *(f'vs dedicated k={k}' for k in ded_ks), 'all met']
+    return ('**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
+            'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5; '
+            '`compute` = subnetwork passes relative to the paper recipes.\n\n' + pipe_table(head, body))
 
 
 def _column_order(key: str):
@@ -373,7 +372,7 @@ def _zoom_floor(rows: List[dict]) -> float:
 def _legend(rows: List[dict], recipe: str, seeds: int) -> str:
     label = f'{recipe} ({seeds} seed{"s" if seeds > 1 else ""}'
     if any(r['recipe'] == 'paper_uniform' for r in rows):
-        label += f', {_passes(rows, recipe) / _passes(rows, "paper_uniform"):.0f}x compute'
+        label += f', {_compute_multiple(rows, recipe):.0f}x compute'
     return label + ')'
 
 
