@@ -1,14 +1,16 @@
 """Argument plumbing shared by every entry point: head lists, model building, checkpoint loading."""
 import argparse
 import numbers
+import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import timm
 import torch
+from timm.utils import ParseKwargs
 
 from . import model as _model  # noqa: F401  registers the hydravit models with timm
-from .checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file
+from .checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file, resample_pos_embed
 
 DEFAULT_EVAL_HEADS = (3, 6, 12)
 DEFAULT_MODEL = 'hydravit_dyn_patch16_224'
@@ -47,14 +49,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help='classifier size (default: from the checkpoint, else the model default)')
     group.add_argument('--heads', type=int, nargs='+', default=None,
                        help='head counts to evaluate (default: those stored with the checkpoint, else 3 6 12)')
+    group.add_argument('--img-size', type=int, default=None, metavar='N',
+                       help='input resolution: the model is built at it and a checkpoint\'s position table is '
+                            'resampled to it, as timm does (default: the model\'s)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels (default: 3)')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                       help='C H W of the input (e.g. --input-size 3 224 224); sets --in-chans and the resolution')
+    group.add_argument('--gp', default=None, metavar='POOL',
+                       help='global pool: token, avg, max, avgmax or "" (default: the model\'s)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='more timm.create_model kwargs, KEY=VALUE')
 
 
-def create_model_from_args(args: argparse.Namespace) -> Tuple[torch.nn.Module, Optional[dict]]:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def create_model_from_args(args: argparse.Namespace,
+                           note: Callable[[str], None] = _stderr) -> Tuple[torch.nn.Module, Optional[dict]]:
     """Build ``args.model`` and load ``args.checkpoint`` (if given) strictly. Returns (model, checkpoint).
 
     Without ``--model`` the checkpoint's ``arch`` is used (sets ``args.model``). The classifier's shape comes
     from the checkpoint: its class count (unless ``--num-classes``) and, for the separate-classifiers
-    variant, the head counts that have a classifier.
+    variant, the head counts that have a classifier. ``--img-size`` / ``--input-size``, ``--in-chans``, ``--gp``
+    and ``--model-kwargs`` go to ``timm.create_model`` as in timm's validate.py; a checkpoint trained at another
+    resolution has its position table resampled (``note`` gets the one line saying so).
     """
     checkpoint, state_dict = None, None
     if args.checkpoint:
@@ -65,17 +84,37 @@ def create_model_from_args(args: argparse.Namespace) -> Tuple[torch.nn.Module, O
         args.model = arch if isinstance(arch, str) else DEFAULT_MODEL
     if not timm.is_model(args.model):
         raise ValueError(f'--model: unknown model {args.model!r}')
-    kwargs = _classifier_kwargs(state_dict or {})
+    kwargs = {**_input_kwargs(args), **_classifier_kwargs(state_dict or {})}
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     try:
         model = timm.create_model(args.model, **kwargs)
-    except TypeError as e:  # e.g. separate classifiers in the checkpoint, model without them
-        raise ValueError(f'{args.checkpoint}: cannot build {args.model} with {kwargs}: {e}') from e
+    except (TypeError, ValueError, AssertionError) as e:  # e.g. separate classifiers in the checkpoint, a bad --gp
+        source = f'{args.checkpoint}: ' if args.checkpoint else ''
+        raise ValueError(f'{source}cannot build {args.model} with {kwargs}: {e}') from e
     if state_dict is not None:
+        state_dict, resampled = resample_pos_embed(model, state_dict, source=str(Path(args.checkpoint)))
         check_state_dict_matches(model, state_dict, source=str(Path(args.checkpoint)))
         model.load_state_dict(state_dict, strict=True)
+        if resampled:
+            note(resampled)
     return model, checkpoint
+
+
+def _input_kwargs(args: argparse.Namespace) -> dict:
+    """create_model kwargs from timm's input flags: --model-kwargs, then --gp, --in-chans / --img-size /
+    --input-size (the last wins, as in timm's validate.py)."""
+    kwargs = dict(getattr(args, 'model_kwargs', None) or {})
+    if getattr(args, 'gp', None) is not None:
+        kwargs['global_pool'] = args.gp
+    input_size = getattr(args, 'input_size', None)
+    in_chans = input_size[0] if input_size else getattr(args, 'in_chans', None)
+    img_size = tuple(input_size[1:]) if input_size else getattr(args, 'img_size', None)
+    if in_chans is not None:
+        kwargs['in_chans'] = in_chans
+    if img_size is not None:
+        kwargs['img_size'] = img_size
+    return kwargs
 
 
 def _classifier_kwargs(state_dict: dict) -> dict:

@@ -6,9 +6,10 @@ dimension", except for the fused qkv projection whose rows hold q, k and v block
 """
 import json
 from pathlib import Path
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
@@ -38,10 +39,56 @@ def leading_slice(name: str, full: torch.Tensor, shape: Sequence[int]) -> torch.
     return full[tuple(slice(0, n) for n in shape)]
 
 
+def model_vit_args(model: HydraViT) -> Dict:
+    """kwargs of a timm ``VisionTransformer`` shaped like ``model`` now, at full width.
+
+    Read from the modules, not from the constructor's arguments: timm's mutators (``set_input_size``,
+    ``reset_classifier``, ``prune_intermediate_layers``) change the model after it is built. Raises ``ValueError``
+    when the model holds something these kwargs cannot describe, so an export is exact or refused.
+    """
+    embed = model.patch_embed
+    args = dict(
+        model.vit_args,  # what no mutator changes: mlp_ratio, qkv_bias, class/register tokens, ...
+        img_size=tuple(embed.img_size) if embed.img_size is not None else None,
+        patch_size=tuple(embed.patch_size),
+        in_chans=embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        # timm keeps the norm placement chosen at construction when the pooling changes later
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        depth=len(model.blocks),
+        embed_dim=model.embed_dim,
+        num_heads=model.num_heads,
+    )
+    if isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity):
+        args['final_norm'] = False  # pruned by prune_intermediate_layers(prune_norm=True)
+    _check_args_describe(model, args)
+    return args
+
+
+def _check_args_describe(model: HydraViT, args: Dict) -> None:
+    """Raise ``ValueError`` unless a full-width ``VisionTransformer(**args)`` has ``model``'s keys and shapes."""
+    try:
+        vit = VisionTransformer(**args, device='meta')
+    except (TypeError, AssertionError, ValueError) as e:
+        raise ValueError(f'this HydraViT cannot be described as a timm VisionTransformer: {e}') from e
+    expected = {n: tuple(t.shape) for n, t in vit.state_dict().items()}
+    actual = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if model.separate_classifiers:  # one classifier per k in the model, the k-th becomes the ViT's head
+        expected = {n: v for n, v in expected.items() if not n.startswith('head.')}
+        actual = {n: v for n, v in actual.items() if not n.startswith('head.')}
+    differ = sorted(n for n in expected.keys() | actual.keys() if expected.get(n) != actual.get(n))
+    if differ:
+        shown = ', '.join(f'{n}: model {actual.get(n)} vs ViT {expected.get(n)}' for n in differ[:4])
+        raise ValueError(f'this HydraViT does not match a timm VisionTransformer of its arguments ({shown}'
+                         f'{", ..." if len(differ) > 4 else ""}); it cannot be exported')
+
+
 def subnetwork_vit_args(model: HydraViT, k: int) -> Dict:
-    """kwargs of a timm ``VisionTransformer`` with the shape of ``model``'s k-head subnetwork."""
+    """kwargs of a timm ``VisionTransformer`` with the shape of ``model``'s k-head subnetwork (as it is now:
+    resolution, classifier and pooling included)."""
     _check_heads(model, k)
-    return dict(model.vit_args, embed_dim=k * model.head_dim, num_heads=k)
+    return dict(model_vit_args(model), embed_dim=k * model.head_dim, num_heads=k)
 
 
 def subnetwork_state_dict(model: HydraViT, k: int) -> Dict[str, torch.Tensor]:
@@ -61,7 +108,7 @@ def export_subnetwork(model: HydraViT, k: int) -> VisionTransformer:
     vit = VisionTransformer(**subnetwork_vit_args(model, k), device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         vit.load_state_dict({n: t.clone() for n, t in subnetwork_state_dict(model, k).items()}, strict=True)
-    vit.pretrained_cfg = dict(model.pretrained_cfg)
+    vit.pretrained_cfg = _pretrained_cfg(model, vit)
     return vit.train(model.training)
 
 
@@ -75,7 +122,8 @@ def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
     args = subnetwork_vit_args(model, k)
     state_dict = {n: t.detach().to('cpu').contiguous() for n, t in subnetwork_state_dict(model, k).items()}
     cfg_keys = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'first_conv', 'classifier')
-    pretrained_cfg = {key: model.pretrained_cfg[key] for key in cfg_keys if key in model.pretrained_cfg}
+    full_cfg = _pretrained_cfg(model)
+    pretrained_cfg = {key: full_cfg[key] for key in cfg_keys if key in full_cfg}
     pretrained_cfg['fixed_input_size'] = True
     config = {
         'architecture': TIMM_ARCHITECTURE,
@@ -88,6 +136,16 @@ def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
     atomic_write(out_dir / 'model.safetensors', lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
     atomic_write(out_dir / 'config.json', lambda p: p.write_text(json.dumps(config, indent=2) + '\n'))
     return out_dir
+
+
+def _pretrained_cfg(model: HydraViT, vit: Optional[VisionTransformer] = None) -> Dict:
+    """The model's pretrained_cfg with the input size it runs at now (``set_input_size`` leaves the cfg as built,
+    and data configs resolved from an exported model must feed it the resolution it was exported at)."""
+    cfg = dict(model.pretrained_cfg)
+    img_size = (vit or model).patch_embed.img_size
+    if img_size is not None:
+        cfg['input_size'] = (model.patch_embed.proj.in_channels, *img_size)
+    return cfg
 
 
 def _check_heads(model: HydraViT, k: int) -> None:

@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, Iterable, List
+from typing import Callable, ContextManager, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from .common import (
     Row,
     Tool,
     add_amp_args,
+    add_precision_args,
     autocast,
     create_eval_dataset,
     create_eval_loader,
@@ -67,18 +68,20 @@ def evaluate_heads(
         amp_autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         distributed: bool = False,
         log_freq: int = 0,
+        prepare_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> List[Row]:
     """One pass over ``loader``; per head count: top-1, top-5 (in %), mean cross-entropy, image count.
 
     Used by ``validate.py`` and by the trainer's periodic validation. With ``distributed`` the sums are
-    all-reduced over the process group. The model's active head count is restored afterwards.
+    all-reduced over the process group. ``prepare_input`` moves a batch to the device (and the model's dtype /
+    layout); by default it is ``.to(device)``. The model's active head count is restored afterwards.
     """
     heads, previous = list(heads), model.active_heads
     tallies: Dict[int, _Tally] = {k: _Tally() for k in heads}
     num_batches, start = len(loader), time.perf_counter()
     with torch.inference_mode():
         for step, (images, target) in enumerate(loader, 1):
-            images = images.to(device, non_blocking=True)
+            images = prepare_input(images) if prepare_input else images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             for k in heads:
                 model.set_heads(k)
@@ -104,9 +107,27 @@ def _all_reduce(tallies: Dict[int, _Tally], device: torch.device) -> None:
 
 
 def evaluate_accuracy(session: EvalSession, loader, heads: Iterable[int], log_freq: int = 10) -> List[Row]:
-    """``evaluate_heads`` with the session's model, device and ``--amp`` setting."""
-    return evaluate_heads(session.model, loader, heads, session.device,
-                          amp_autocast=lambda: autocast(session.args, session.device), log_freq=log_freq)
+    """``evaluate_heads`` with the session's model, device, ``--amp``, ``--model-dtype`` / ``--channels-last`` and
+    ``--torchcompile`` settings."""
+    return evaluate_heads(compiled(session, heads), loader, heads, session.device,
+                          amp_autocast=lambda: autocast(session.args, session.device), log_freq=log_freq,
+                          prepare_input=session.prepare_input)
+
+
+def compiled(session: EvalSession, heads: Iterable[int]) -> torch.nn.Module:
+    """The session's model, under ``torch.compile`` with ``--torchcompile [BACKEND]`` (timm's flag).
+
+    The active width is an int attribute dynamo guards, so each k gets its own graph; the recompile limit is
+    raised to fit them all (past it dynamo would silently run the model eagerly).
+    """
+    backend = getattr(session.args, 'torchcompile', None)
+    if not backend:
+        return session.model
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), 2 * len(list(heads))))
+    torch._dynamo.reset()
+    return torch.compile(session.model, backend=backend, mode=session.args.torchcompile_mode)
 
 
 def _log_progress(step: int, num_batches: int, start: float, tallies: Dict[int, _Tally]) -> None:
@@ -127,6 +148,11 @@ def measure(session: EvalSession) -> List[Row]:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_amp_args(parser)
+    add_precision_args(parser)
+    group = parser.add_argument_group('Compilation')
+    group.add_argument('--torchcompile', nargs='?', default=None, const='inductor', metavar='BACKEND',
+                       help='torch.compile the model with BACKEND (default: inductor), one graph per head count')
+    group.add_argument('--torchcompile-mode', default=None, metavar='MODE', help='torch.compile mode')
 
 
 TOOL = Tool(

@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import IterableImageDataset, create_dataset, create_loader, resolve_data_config
+from timm.utils import random_seed, reparameterize_model
 
 from ..checkpoint import atomic_write
+from ..classes import class_map_onto, dataset_class_to_idx, missing_classes, shown
 from ..cli import add_model_args, create_model_from_args, resolve_heads
 from ..model import HydraViT
 from .environment import SETTINGS_KEYS, add_cuda_args, apply_cuda_args, settings_row
 
 Row = Dict[str, float]
 RESULT_SUFFIXES = ('.json', '.csv')
+RESULT_FORMATS = ('csv', 'json')
+MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
 
 
 class UsageError(ValueError):
@@ -45,24 +49,120 @@ class EvalSession:
     def input_size(self) -> tuple:
         return tuple(self.data_config['input_size'])
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the model was cast to (``--model-dtype``), float32 by default."""
+        return getattr(torch, getattr(self.args, 'model_dtype', None) or 'float32')
+
+    def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
+        """An input batch on the session's device, in the model's dtype and memory layout (as timm's validate.py)."""
+        images = images.to(self.device, dtype=self.model_dtype, non_blocking=True)
+        if getattr(self.args, 'channels_last', False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The classes the checkpoint was trained on, in label order (recorded by hydravit.train), else None."""
+        names = (self.checkpoint or {}).get('class_names')
+        return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
 
 # --- arguments ---------------------------------------------------------------------------------------
 def create_parser(description: str, data_required: bool, default_batch_size: int) -> argparse.ArgumentParser:
-    """Parser with the arguments every tool shares (names follow timm's validate.py)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parser with the arguments every tool shares (names and meanings follow timm's validate.py).
+
+    timm flags a tool cannot honour are refused with one line saying why (``add_refused_args``); a tool that
+    does honour one (``--model-dtype``, ``--channels-last``, ``--torchcompile``) registers it again in its own
+    ``add_args``, which replaces the refusal (``conflict_handler='resolve'``).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     conflict_handler='resolve')
     parser.add_argument(
-        'data', metavar='DATA', nargs=None if data_required else '?', default=None,
+        'data', metavar='DATA', nargs='?', default=None,
         help='image folder in ImageFolder layout, or a root holding a val/validation split folder'
              + ('' if data_required else ' (optional: without it the input is random of the model\'s input size)'))
+    parser.add_argument('--data-dir', metavar='DIR', default=None, help='the same as DATA (timm\'s newer name)')
+    parser.set_defaults(data_required=data_required)
     add_model_args(parser)
     parser.add_argument('-b', '--batch-size', type=int, default=default_batch_size, metavar='N',
                         help=f'batch size (default: {default_batch_size})')
     parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    parser.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42, as timm)')
     parser.add_argument('--results-file', default='', metavar='FILE',
                         help='write the per-k rows to FILE: .json (list of objects) or .csv (header + one row per k)')
+    parser.add_argument('--reparam', action='store_true',
+                        help="timm's reparameterize_model (a ViT has nothing to fuse)")
+    parser.add_argument('--num-gpu', type=int, default=1, metavar='N', help='1 only: run one process per GPU')
+    parser.add_argument('--amp-impl', default='native', help='native (torch.autocast) only')
     add_data_args(parser)
     add_cuda_args(parser)
+    add_refused_args(parser)
     return parser
+
+
+class _Refused(argparse.Action):
+    """A timm flag that does not apply here: using it stops the tool with one line saying why."""
+
+    def __init__(self, option_strings, dest, reason: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string}: {self.reason}')
+
+
+# timm validate.py flags that cannot apply to a HydraViT evaluation, and why: (nargs, reason).
+REFUSED_FLAGS = {
+    '--pretrained': (0, 'no pretrained HydraViT weights are published; pass --checkpoint FILE'),
+    '--test-pool': (0, "test-time pooling widens a CNN's pooling window; a ViT's token grid is fixed by its "
+                       'position table (use --img-size to resample it)'),
+    '--tf-preprocessing': (0, "TensorFlow's preprocessing pipeline is not supported; use --interpolation and "
+                              '--crop-pct'),
+    '--torchscript': (0, 'TorchScript cannot script a HydraViT (its width is chosen at run time); use --torchcompile '
+                         'where the tool has it'),
+    '--aot-autograd': (0, "functorch's memory_efficient_fusion is not supported; use --torchcompile where the tool "
+                          'has it'),
+    '--fuser': (1, 'jit fusers apply to TorchScript models, and a HydraViT cannot be scripted'),
+    '--fast-norm': (0, "HydraViT's sliceable LayerNorm does not take timm's fast-norm path, so it would change "
+                       'nothing'),
+    '--real-labels': (1, 'ImageNet ReaL labels are not supported (top-1 / top-5 are against the folder labels)'),
+    '--valid-labels': (1, 'a partial label space is not supported; pass --class-map FILE to label a subset of '
+                          'classes by name'),
+    '--retry': (0, 'batch size decay and retry is not supported; choose -b'),
+    '--metrics-avg': (1, 'precision / recall / F1 are not computed (top-1, top-5 and loss are)'),
+    '--naflex-loader': (0, 'the NaFlex loader needs a NaFlexVit model; a HydraViT has a fixed patch grid'),
+    '--naflex-max-seq-len': (1, 'the NaFlex loader needs a NaFlexVit model; a HydraViT has a fixed patch grid'),
+    '--model-dtype': (1, 'not supported by this tool (its inputs are float32); use --amp --amp-dtype'),
+    '--channels-last': (0, 'not supported by this tool'),
+    '--torchcompile': ('?', 'not supported by this tool'),
+    '--torchcompile-mode': (1, 'not supported by this tool'),
+    '--results-format': (1, "not supported by this tool: --results-file's suffix (.json or .csv) sets the format"),
+}
+
+
+def add_refused_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('timm validate.py flags that do not apply')
+    for flag, (nargs, reason) in REFUSED_FLAGS.items():
+        group.add_argument(flag, action=_Refused, reason=reason, nargs=nargs, default=None, help=argparse.SUPPRESS)
+    never = [flag for flag, (_, reason) in REFUSED_FLAGS.items() if not reason.startswith('not supported by this')]
+    parser.epilog = (parser.epilog or '') + "timm validate.py flags that cannot apply (each stops with the reason): " \
+        + ', '.join(never)
+
+
+def add_results_format_arg(parser: argparse.ArgumentParser) -> None:
+    """timm's ``--results-format`` for tools that write their results through ``report`` / ``write_results``."""
+    parser.add_argument('--results-format', default=None, choices=RESULT_FORMATS,
+                        help='format of --results-file (default: from its suffix, which must then be .json or .csv)')
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    """``--model-dtype`` and ``--channels-last`` as in timm's validate.py: the model is cast once, every input
+    batch follows it (``EvalSession.prepare_input``)."""
+    group = parser.add_argument_group('Model precision and layout')
+    group.add_argument('--model-dtype', default=None, choices=MODEL_DTYPES,
+                       help='cast the model (and its inputs) to this dtype, without autocast (default: float32)')
+    group.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +170,23 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='', help='timm dataset name (default: image folder)')
     group.add_argument('--split', default='validation', help='dataset split (default: validation)')
+    group.add_argument('--num-samples', type=int, default=None, metavar='N',
+                       help='samples in the split, for iterable datasets (tfds/, wds/, hfids/)')
+    group.add_argument('--dataset-download', action='store_true', help='allow torch/ and tfds/ datasets to download')
+    group.add_argument('--class-map', default='', metavar='FILENAME',
+                       help="class name -> label file (.txt: one name per line, e.g. a training run's "
+                            "class_map.txt); default: the checkpoint's class names, else the folders' sorted order")
+    group.add_argument('--input-key', default=None, help='dataset key for input images')
+    group.add_argument('--input-img-mode', default=None, help='image conversion mode (default: RGB, or L for 1 chan)')
+    group.add_argument('--target-key', default=None, help='dataset key for target labels')
+    group.add_argument('--dataset-trust-remote-code', action='store_true',
+                       help="allow a Hugging Face dataset to run code from its repository")
+    group.add_argument('--use-train-size', action='store_true',
+                       help='use the train input size even if the model has a test size (HydraViT models have none)')
+    group.add_argument('--crop-border-pixels', type=int, default=None, metavar='N', help='crop pixels from the border')
+    group.add_argument('--pin-mem', action='store_true', help='pin loader memory (always on with CUDA)')
+    group.add_argument('--no-prefetcher', action='store_true',
+                       help="accepted for timm's command lines: the loader never uses the prefetcher here")
     group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1), metavar='N',
                        help='data loading processes (default: min(4, CPU count))')
     group.add_argument('--crop-pct', type=float, default=None, help='center crop fraction (default: model cfg)')
@@ -101,14 +218,11 @@ def create_session(args: argparse.Namespace, all_heads: bool = False) -> EvalSes
     ``all_heads``: without ``--heads``, use every head count the model can run (the sweep) instead of
     the checkpoint's head set.
     """
-    if args.batch_size < 1:
-        raise UsageError(f'-b/--batch-size must be >= 1, got {args.batch_size}')
-    if args.results_file and Path(args.results_file).suffix.lower() not in RESULT_SUFFIXES:
-        raise UsageError(f'--results-file must end in .json or .csv, got {args.results_file!r}')
-    if args.data is not None and not args.dataset and not Path(args.data).is_dir():
-        raise UsageError(f'DATA: no such folder: {args.data}')
+    check_common_args(args)
     device = resolve_device(args.device)
     apply_cuda_args(args, device)
+    if getattr(args, 'seed', None) is not None:
+        random_seed(args.seed)
     try:
         model, checkpoint = create_model_from_args(args)
     except FileNotFoundError as e:
@@ -121,7 +235,42 @@ def create_session(args: argparse.Namespace, all_heads: bool = False) -> EvalSes
         raise UsageError(f'--model: {args.model} is not a HydraViT model')
     heads = _select_heads(args, model, checkpoint, all_heads)
     data_config = resolve_data_config(vars(args), model=model)
-    return EvalSession(args, model.eval().to(device), heads, device, data_config, checkpoint)
+    if not (getattr(args, 'input_size', None) or getattr(args, 'img_size', None)):
+        # the resolution the model was built at (--model-kwargs img_size=...), not the one its cfg was written for
+        data_config['input_size'] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    if getattr(args, 'reparam', False):
+        model = reparameterize_model(model)
+    session = EvalSession(args, model.eval(), heads, device, data_config, checkpoint)
+    model.to(device=device, dtype=session.model_dtype)  # cast once, as timm's validate.py
+    if getattr(args, 'channels_last', False):
+        model.to(memory_format=torch.channels_last)
+    return session
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Checks of the shared flags that need no model: one ``UsageError`` naming the flag."""
+    args.data = args.data or getattr(args, 'data_dir', None)
+    if getattr(args, 'data_required', False) and args.data is None:
+        raise UsageError('DATA (or --data-dir) is required')
+    if args.batch_size < 1:
+        raise UsageError(f'-b/--batch-size must be >= 1, got {args.batch_size}')
+    fmt = getattr(args, 'results_format', None)
+    suffix = Path(args.results_file).suffix.lower() if args.results_file else ''
+    if args.results_file and fmt is None and suffix not in RESULT_SUFFIXES:
+        raise UsageError(f'--results-file must end in .json or .csv (or pass --results-format), '
+                         f'got {args.results_file!r}')
+    if fmt is not None and suffix in RESULT_SUFFIXES and suffix != f'.{fmt}':
+        raise UsageError(f'--results-format {fmt} contradicts --results-file {args.results_file}')
+    if args.data is not None and not args.dataset and not Path(args.data).is_dir():
+        raise UsageError(f'DATA: no such folder: {args.data}')
+    if getattr(args, 'num_gpu', 1) != 1:
+        raise UsageError(f'--num-gpu: one device per process only (DataParallel is not supported), got '
+                         f'{args.num_gpu}; run one process per GPU')
+    if getattr(args, 'amp_impl', 'native') != 'native':
+        raise UsageError(f'--amp-impl: only native (torch.autocast) is supported, got {args.amp_impl!r}')
+    if getattr(args, 'amp', False) and getattr(args, 'model_dtype', None) not in (None, 'float32'):
+        raise UsageError(f'--model-dtype: {args.model_dtype} cannot be combined with --amp (autocast needs a '
+                         f'float32 model)')
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -152,20 +301,65 @@ def _select_heads(args, model: HydraViT, checkpoint: Optional[dict], all_heads: 
 
 
 def create_eval_dataset(session: EvalSession):
-    """timm dataset for DATA; raises ``UsageError`` when it is empty or has more classes than the model."""
+    """timm dataset for DATA, labelled by the model's classes.
+
+    Labels follow ``--class-map`` when given (timm's meaning), else the class names the checkpoint records,
+    matched by folder name; a folder the model was not trained on is an error. Raises ``UsageError`` when the
+    dataset is empty or has more classes than the model.
+    """
     args = session.args
+    class_map = getattr(args, 'class_map', '')
+    dataset = _create_dataset(args, class_map)
+    found = dataset_class_to_idx(dataset)
+    num_classes = session.model.num_classes
+    if found and len(found) > num_classes:
+        raise UsageError(f'DATA has {len(found)} classes but the model predicts {num_classes}: '
+                         'pass --num-classes or a checkpoint trained on this data')
+    names = session.class_names
+    if class_map or not found:
+        return dataset
+    if names is None:
+        if len(found) != num_classes:
+            warn(f'DATA has {len(found)} classes, the model predicts {num_classes} and the checkpoint records no '
+                 f'class names: labels are DATA\'s sorted folders 0..{len(found) - 1}; pass --class-map FILE '
+                 f'(the training classes, one per line) to match them by name')
+        return dataset
     try:
-        dataset = create_dataset(args.dataset, root=args.data, split=args.split, is_training=False)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        mapping = class_map_onto(names, found, f'DATA ({args.data})')
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    missing = missing_classes(names, found)
+    if missing:
+        warn(f'DATA has no images of {len(missing)} of the {len(names)} classes the model was trained on '
+             f'({shown(missing)}); labels matched by class name')
+    return dataset if mapping is None else _create_dataset(args, mapping)
+
+
+def _create_dataset(args: argparse.Namespace, class_map):
+    num_samples = getattr(args, 'num_samples', None)
+    try:
+        dataset = create_dataset(args.dataset, root=args.data, split=args.split, is_training=False,
+                                 class_map=class_map or '', num_samples=num_samples, **_dataset_kwargs(args))
+    except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
         raise UsageError(f'DATA: {e}') from e
+    if num_samples is not None and not isinstance(dataset, IterableImageDataset):
+        raise UsageError('--num-samples: applies to iterable datasets (--dataset tfds/..., wds/..., hfids/...); '
+                         'an image folder is always read whole')
     if len(dataset) == 0:
         raise UsageError(f'DATA: no images found in {args.data}')
-    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
-    num_classes = session.model.num_classes
-    if class_to_idx and len(class_to_idx) > num_classes:
-        raise UsageError(f'DATA has {len(class_to_idx)} classes but the model predicts {num_classes}: '
-                         'pass --num-classes or a checkpoint trained on this data')
     return dataset
+
+
+def _dataset_kwargs(args: argparse.Namespace) -> Dict:
+    """timm's optional dataset flags, where the tool has them."""
+    renamed = {'dataset_download': 'download', 'dataset_trust_remote_code': 'trust_remote_code'}
+    names = ('input_img_mode', 'input_key', 'target_key', *renamed)
+    return {renamed.get(name, name): getattr(args, name) for name in names if getattr(args, name, None)}
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr: something the user should know about the numbers that follow."""
+    print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def create_eval_loader(session: EvalSession, dataset, batch_size: Optional[int] = None):
@@ -182,7 +376,8 @@ def create_eval_loader(session: EvalSession, dataset, batch_size: Optional[int] 
         num_workers=session.args.workers,
         crop_pct=cfg['crop_pct'],
         crop_mode=cfg['crop_mode'],
-        pin_memory=session.device.type == 'cuda',
+        crop_border_pixels=getattr(session.args, 'crop_border_pixels', None),
+        pin_memory=session.device.type == 'cuda' or getattr(session.args, 'pin_mem', False),
         device=session.device,
     )
 
@@ -193,15 +388,18 @@ def round_row(row: Row) -> Row:
     return {key: float(f'{v:.6g}') if isinstance(v, float) else v for key, v in row.items()}
 
 
-def write_results(rows: Sequence[Row], path, keys: Optional[Sequence[str]] = None) -> Path:
-    """Write ``rows`` as JSON (list of objects) or CSV (header + one row each), atomically."""
+def write_results(rows: Sequence[Row], path, keys: Optional[Sequence[str]] = None,
+                  fmt: Optional[str] = None) -> Path:
+    """Write ``rows`` as JSON (list of objects) or CSV (header + one row each), atomically. The format is
+    ``fmt`` ('csv' or 'json', timm's ``--results-format``), else the file's suffix."""
     path = Path(path)
     keys = list(keys or rows[0].keys())
     path.parent.mkdir(parents=True, exist_ok=True)
+    as_csv = fmt == 'csv' if fmt else path.suffix.lower() == '.csv'
 
     def write(tmp: Path) -> None:
         with open(tmp, 'w', newline='') as f:
-            if path.suffix.lower() == '.csv':
+            if as_csv:
                 writer = csv.DictWriter(f, fieldnames=keys, extrasaction='ignore')
                 writer.writeheader()
                 writer.writerows(rows)
@@ -234,11 +432,12 @@ def _parse_value(text: str):
     return text
 
 
-def report(rows: Sequence[Row], keys: Sequence[str], results_file: str = '') -> None:
+def report(rows: Sequence[Row], keys: Sequence[str], results_file: str = '',
+           results_format: Optional[str] = None) -> None:
     """Write the results file (if asked) and print the ``--result`` JSON block as timm's validate.py does."""
     rows = [{key: row[key] for key in keys} for row in rows]
     if results_file:
-        write_results(rows, results_file, keys)
+        write_results(rows, results_file, keys, results_format)
     print(f'--result\n{json.dumps(rows, indent=4)}')
 
 
@@ -264,6 +463,7 @@ class Tool:
 def run_tool(tool: Tool, argv: Optional[Sequence[str]] = None) -> List[Row]:
     """Command-line entry: parse, set up (all errors before work starts), measure, report."""
     parser = create_parser(tool.description, tool.data_required, tool.default_batch_size)
+    add_results_format_arg(parser)
     if tool.add_args is not None:
         tool.add_args(parser)
     args = parser.parse_args(argv)
@@ -275,6 +475,6 @@ def run_tool(tool: Tool, argv: Optional[Sequence[str]] = None) -> List[Row]:
         rows = [round_row({**row, **settings}) for row in tool.measure(session)]
     except UsageError as e:
         parser.error(str(e))
-    report(rows, (*tool.keys, *SETTINGS_KEYS), args.results_file)
+    report(rows, (*tool.keys, *SETTINGS_KEYS), args.results_file, args.results_format)
     sys.stdout.flush()
     return rows

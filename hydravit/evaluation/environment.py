@@ -60,8 +60,8 @@ def device_name(device: torch.device) -> str:
 
 
 def compute_dtype(args: argparse.Namespace) -> str:
-    """The forward's compute dtype: the autocast dtype with ``--amp``, else the weights' float32."""
-    return args.amp_dtype if getattr(args, 'amp', False) else 'float32'
+    """The forward's compute dtype: the autocast dtype with ``--amp``, else the weights' (``--model-dtype``)."""
+    return args.amp_dtype if getattr(args, 'amp', False) else (getattr(args, 'model_dtype', None) or 'float32')
 
 
 def settings_row(args: argparse.Namespace, device: torch.device) -> Dict[str, Union[str, bool]]:
@@ -70,7 +70,7 @@ def settings_row(args: argparse.Namespace, device: torch.device) -> Dict[str, Un
         'device_name': device_name(device),
         'dtype': compute_dtype(args),
         'tf32': tf32_enabled(device),
-        'compile': bool(getattr(args, 'compile', False)),
+        'compile': bool(getattr(args, 'compile', False) or getattr(args, 'torchcompile', None)),
     }
 
 
@@ -85,6 +85,6 @@ def device_info(args: argparse.Namespace, device: torch.device) -> Dict[str, Uni
         'dtype': compute_dtype(args),
         'tf32': tf32_enabled(device),
         'cudnn_benchmark': device.type == 'cuda' and torch.backends.cudnn.benchmark,
-        'compile': bool(getattr(args, 'compile', False)),
+        'compile': bool(getattr(args, 'compile', False) or getattr(args, 'torchcompile', None)),
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }

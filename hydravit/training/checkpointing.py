@@ -1,4 +1,5 @@
-"""Checkpoints for exact resume: RNG states, an atomic timm CheckpointSaver, and the resume position.
+"""Checkpoints for exact resume: ``TrainingState`` owns what a checkpoint holds and restores all of it,
+``CheckpointFiles`` writes timm's file layout atomically. Only timm's public API is used.
 
 Everything stored is weights-only loadable (tensors, lists, numbers, strings), so ``torch.load(weights_only=True)``
 reads it back and loading never executes code from a file.
@@ -8,13 +9,13 @@ import logging
 import os
 import random
 import shutil
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm import utils
-from timm.utils import checkpoint_saver
+import torch.nn as nn
 
 from ..checkpoint import atomic_torch_save, check_state_dict_matches, extract_state_dict, load_checkpoint_file
 from .config import ConfigError, plain_args
@@ -83,123 +84,279 @@ def load_nested_states(target, state: dict) -> None:
             getattr(target, key).load_state_dict(value['__state_dict__'])
 
 
-class AtomicCheckpointSaver(utils.CheckpointSaver):
-    """timm's CheckpointSaver whose files are never missing or half-written, holding HydraViT's full state.
+# --- the files of a run: timm's layout, every write atomic -----------------------------------------------------
+class CheckpointFiles:
+    """The checkpoint files of one run folder, in timm's ``CheckpointSaver`` layout and ranking.
 
-    timm unlinks ``last``/``model_best`` before renaming onto them (for Windows); here every file is written
-    under a temporary name and moved into place with ``os.replace``, so a kill at any moment leaves the
-    previous complete file. ``extra_state()`` adds sampler, scheduler, RNG and run info to every checkpoint.
+    ``last.pth.tar`` after every epoch; ``checkpoint-EPOCH.pth.tar`` for the best ``max_history`` epochs by metric
+    (ties keep the earlier epoch; epochs without a metric follow, newest first, and never displace a ranked one);
+    ``model_best.pth.tar`` for the best; ``recovery-EPOCH-STEP.pth.tar`` mid-epoch (the two newest are kept).
+    Unlike timm's saver, no file is ever unlinked before its replacement is in place: each is written (or
+    hard-linked) under a temporary name and moved with ``os.replace``, so a kill leaves the previous complete file.
     """
 
-    def __init__(self, *args, extra_state: Callable[[], dict], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.extra_state = extra_state
+    extension = '.pth.tar'
 
-    def _replace(self, src, dst):
-        os.replace(src, dst)
+    def __init__(self, directory: str, decreasing: bool, max_history: int = 10):
+        if max_history < 1:
+            raise ValueError(f'max_history must be >= 1, got {max_history}')
+        self.directory = directory
+        self.decreasing = decreasing
+        self.max_history = max_history
+        self.kept: List[Tuple[str, Optional[float]]] = []  # (file name, metric), best first
+        self.best_epoch: Optional[int] = None
+        self.best_metric: Optional[float] = None
+        self.recovery_files: List[str] = []
 
-    def _track_checkpoint(self, *args, **kwargs):
-        # timm logs the whole ranked list ("Current checkpoints:" and one line per file) at INFO on every save;
-        # here it is one DEBUG line per save.
-        timm_logger = logging.getLogger(checkpoint_saver.__name__)
-        level = timm_logger.level
-        timm_logger.setLevel(logging.WARNING)
-        try:
-            super()._track_checkpoint(*args, **kwargs)
-        finally:
-            timm_logger.setLevel(level)
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def epoch_name(self, epoch: int) -> str:
+        return f'checkpoint-{epoch}{self.extension}'
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    # bookkeeping, saved in every checkpoint so that a resumed run keeps ranking the same files
+    def state_dict(self, epoch: int, metric: Optional[float]) -> dict:
+        """The ranking as it will be once the checkpoint of ``epoch`` (being written) is counted."""
+        return {'checkpoint_files': [[name, m] for name, m in self.kept], 'best_epoch': self.best_epoch,
+                'best_metric': self.best_metric, 'pending': [epoch, metric]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the ranking of a checkpoint written into this folder; files that are gone are dropped."""
+        self.kept = [(name, m) for name, m in state.get('checkpoint_files', []) if os.path.exists(self.path(name))]
+        self.best_epoch, self.best_metric = state.get('best_epoch'), state.get('best_metric')
+        epoch, metric = state.get('pending', (None, None))
+        name = None if epoch is None else self.epoch_name(epoch)
+        if name and os.path.exists(self.path(name)) and name not in [n for n, _ in self.kept]:
+            self._rank(name, epoch, metric, write_best=False)
+
+    # writing
+    def save_epoch(self, state: dict, epoch: int, metric: Optional[float]) -> Tuple[Optional[float], Optional[int]]:
+        """Write ``state`` as last, and as an epoch checkpoint / model_best if it earns it. Returns (best metric,
+        best epoch), None until an epoch with a metric was saved."""
+        last = self.path('last' + self.extension)
+        atomic_torch_save(state, last)
+        worst = self.kept[-1] if self.kept else None
+        if len(self.kept) < self.max_history or worst[1] is None or (
+                metric is not None and self._better(metric, worst[1])):
+            if len(self.kept) >= self.max_history:
+                self._remove(self.kept.pop()[0])
+            name = self.epoch_name(epoch)
+            _duplicate(last, self.path(name))
+            self._rank(name, epoch, metric, write_best=True)
+        return self.best_metric, self.best_epoch
+
+    def save_recovery(self, state: dict, epoch: int, updates_done: int) -> str:
+        """Write a mid-epoch checkpoint (timm's ``recovery-EPOCH-STEP`` name, STEP = updates done - 1)."""
+        path = self.path(f'recovery-{epoch}-{updates_done - 1}{self.extension}')
+        atomic_torch_save(state, path)
+        self.recovery_files.append(path)
+        while len(self.recovery_files) > 2:
+            self._remove(os.path.basename(self.recovery_files.pop(0)))
+        return path
+
+    def _rank(self, name: str, epoch: int, metric: Optional[float], write_best: bool) -> None:
+        ranked = sorted([c for c in self.kept if c[1] is not None] + ([(name, metric)] if metric is not None else []),
+                        key=lambda c: c[1], reverse=not self.decreasing)  # stable: ties keep the earlier epoch
+        unranked = ([(name, None)] if metric is None else []) + [c for c in self.kept if c[1] is None]
+        self.kept = ranked + unranked
         _logger.debug('Checkpoints kept (best first): ' + ', '.join(
-            f'{os.path.basename(path)} ({"-" if metric is None else f"{metric:.4g}"})'
-            for path, metric in self.checkpoint_files))
+            f'{n} ({"-" if m is None else f"{m:.4g}"})' for n, m in self.kept))
+        if metric is not None and (self.best_metric is None or self._better(metric, self.best_metric)):
+            self.best_epoch, self.best_metric = epoch, metric
+            if write_best:
+                _duplicate(self.path('last' + self.extension), self.path('model_best' + self.extension))
 
-    def _duplicate(self, src, dst):
-        tmp = dst + '.tmp'
+    def _remove(self, name: str) -> None:
         try:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.remove(self.path(name))
+        except OSError as e:
+            _logger.error(f'could not remove old checkpoint {name}: {e}')
+
+
+def _duplicate(src: str, dst: str) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link where the filesystem allows), never half-written."""
+    tmp = f'{dst}.tmp{os.getpid()}'
+    try:
+        try:
             os.link(src, tmp)
         except (OSError, NotImplementedError):  # no hard links on this filesystem
             shutil.copy2(src, tmp)
         os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
-    def _save(self, save_path, epoch, metric=None):
+
+# --- the whole resumable state, saved and restored in one place ----------------------------------------------
+@dataclass
+class ResumePoint:
+    """Where training starts: the epoch, the optimizer steps of it already done, and the RNG states to set once a
+    mid-epoch resume has replayed those steps' data."""
+
+    start_epoch: int = 0
+    skip_updates: int = 0
+    resume_rng: Optional[List[dict]] = None
+
+
+class TrainingState:
+    """The one owner of what a checkpoint holds: model, EMA, optimizer, loss scaler, LR scheduler, head sampler,
+    every rank's RNG states and the position in the run, plus the run's description (arch, args, heads, classes).
+
+    ``checkpoint()`` assembles it, ``resume()`` restores all of it, so a key written is a key read. Only the model
+    weights are read earlier (``load_model_weights``): the EMA is created from the resumed weights.
+    """
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, optimizer, model_ema=None, loss_scaler=None,
+                 lr_scheduler=None, sampler: Optional[HeadSampler] = None, heads: Sequence[int] = (),
+                 class_names: Optional[List[str]] = None):
+        self.args = args
+        self.model = model  # the HydraViT itself, not a DDP / compile wrapper
+        self.optimizer = optimizer
+        self.model_ema = model_ema
+        self.loss_scaler = loss_scaler
+        self.lr_scheduler = lr_scheduler
+        self.sampler = sampler
+        self.heads = list(heads)
+        self.class_names = class_names
+        self.files: Optional[CheckpointFiles] = None  # on the primary rank
+
+    # --- saving ------------------------------------------------------------------------------------------------
+    def checkpoint(self, epoch: int, metric: Optional[float] = None, position: Optional[dict] = None) -> dict:
+        """Everything needed to resume exactly; weights-only loadable (tensors, lists, numbers, strings)."""
         state = {
             'epoch': epoch,
             'arch': self.args.model,
-            'version': 2,
-            'state_dict': utils.get_state_dict(self.model, self.unwrap_fn),
-            'optimizer': self.optimizer.state_dict(),
+            'version': 2,  # timm: the epoch stored is the one completed
             'args': plain_args(self.args),
+            'state_dict': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'heads': self.heads,
+            'class_names': self.class_names,
+            'world_size': self.args.world_size,
+            'sampler': self.sampler.state_dict() if self.sampler is not None else None,
+            'scheduler': plain_state(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
+            **(position or {}),
         }
         if self.model_ema is not None:
-            state['state_dict_ema'] = utils.get_state_dict(self.model_ema, self.unwrap_fn)
-        if self.amp_scaler is not None:
-            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+            state['state_dict_ema'] = self.model_ema.module.state_dict()
+        if self.loss_scaler is not None:
+            state[self.loss_scaler.state_dict_key] = self.loss_scaler.state_dict()
         if metric is not None:
             state['metric'] = metric
-        state['saver'] = self.state_dict(epoch, metric)
-        state.update(self.extra_state())
-        atomic_torch_save(state, save_path)
+        if self.files is not None:
+            state['saver'] = self.files.state_dict(epoch, metric)
+        return state
 
+    def save_epoch(self, epoch: int, metric: Optional[float]) -> Tuple[Optional[float], Optional[int]]:
+        """End-of-epoch checkpoint (a collective in DDP: every rank's RNG state is gathered)."""
+        position = {'rng_state': gather_rng_states(self.args)}
+        if self.files is None:
+            return None, None
+        return self.files.save_epoch(self.checkpoint(epoch, metric, position), epoch, metric)
 
-def load_resume_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f'--resume: checkpoint not found: {path}')
-    try:
-        checkpoint = load_checkpoint_file(path)
-    except ValueError as e:
-        raise ConfigError(f'--resume: {e}') from e
-    if 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
-        raise ConfigError(f'--resume: {path} is not a training checkpoint (no state_dict/epoch); '
-                          f'use --initial-checkpoint for weights only')
-    return checkpoint
+    def save_recovery(self, epoch: int, updates_done: int, epoch_rng: Optional[List[dict]]) -> None:
+        """Mid-epoch checkpoint (a collective in DDP); resuming from it replays the epoch's data order."""
+        position = {'rng_state': gather_rng_states(self.args), 'epoch_rng_state': epoch_rng,
+                    'updates_done': updates_done}
+        if self.files is not None:
+            self.files.save_recovery(self.checkpoint(epoch, None, position), epoch, updates_done)
 
-
-def restore_rng(args, resume_ckpt: Optional[dict], skip_updates: int) -> Optional[List[dict]]:
-    """Set this rank's RNGs to the resume point (the epoch start for a mid-epoch resume). Returns the states
-    to set once a mid-epoch resume has replayed the skipped steps."""
-    if resume_ckpt is None or args.no_resume_opt:
-        return None
-    resume_rng = resume_ckpt.get('rng_state')
-    start_rng = resume_ckpt.get('epoch_rng_state') if skip_updates else resume_rng
-    if start_rng is not None:
-        if len(start_rng) != args.world_size:
-            _logger.warning(f'--resume: checkpoint from {len(start_rng)} processes, now {args.world_size}: '
-                            f'random streams differ from an uninterrupted run')
-        set_rng_state(start_rng[args.rank] if len(start_rng) == args.world_size else start_rng[0])
-    return resume_rng
-
-
-def restore_training_state(args, checkpoint: dict, optimizer, loss_scaler, model_ema, sampler: HeadSampler) -> None:
-    if model_ema is not None:
-        if 'state_dict_ema' in checkpoint:
-            model_ema.module.load_state_dict(extract_state_dict(checkpoint, use_ema=True, source=args.resume))
-        else:
-            _logger.warning('--resume: checkpoint has no EMA weights; the EMA restarts from the model')
-    if args.no_resume_opt:
-        return
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
-        loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
-    if 'sampler' in checkpoint:
+    # --- loading -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def read(path: str) -> dict:
+        """A ``--resume`` checkpoint, weights-only; ``ConfigError`` naming the flag when it is not one."""
+        if not os.path.isfile(path):
+            raise ConfigError(f'--resume: checkpoint not found: {path}')
         try:
-            sampler.load_state_dict(checkpoint['sampler'])
+            checkpoint = load_checkpoint_file(path)
         except ValueError as e:
-            _logger.warning(f'--resume: {e}; the head sampler restarts from --seed')
+            raise ConfigError(f'--resume: {e}') from e
+        if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
+            raise ConfigError(f'--resume: {path} is not a training checkpoint (no state_dict/epoch); '
+                              f'use --initial-checkpoint for weights only')
+        return checkpoint
 
+    @staticmethod
+    def load_model_weights(model: nn.Module, checkpoint: dict, path: str) -> None:
+        """The model weights of a ``--resume`` checkpoint, strictly (an error names mismatched keys)."""
+        state_dict = extract_state_dict(checkpoint, source=path)
+        try:
+            check_state_dict_matches(model, state_dict, source=path)
+        except ValueError as e:
+            raise ConfigError(f'--resume: {e}') from e
+        model.load_state_dict(state_dict, strict=True)
 
-def resume_position(checkpoint: dict):
-    """(start epoch, optimizer steps of it already done): recovery checkpoints resume mid-epoch."""
-    if checkpoint.get('updates_done'):
-        return int(checkpoint['epoch']), int(checkpoint['updates_done'])
-    return int(checkpoint['epoch']) + 1, 0
+    def resume(self, checkpoint: Optional[dict], updates_per_epoch: int) -> ResumePoint:
+        """Restore everything but the model weights from ``checkpoint`` (None: a fresh start), position the LR
+        schedule, and set this rank's RNGs. Call last before training: nothing may draw random numbers after it."""
+        point = ResumePoint()
+        if checkpoint is not None:
+            self._restore_ema(checkpoint)
+            if not self.args.no_resume_opt:
+                self._restore_optimization(checkpoint)
+            point = self._position(checkpoint)
+            self._restore_files(checkpoint)
+        if self.args.start_epoch is not None:
+            point = ResumePoint(self.args.start_epoch, 0, None)
+        self._position_schedule(point, updates_per_epoch)
+        if checkpoint is not None and not self.args.no_resume_opt:
+            point.resume_rng = self._restore_rng(checkpoint, point.skip_updates)
+        return point
 
+    def _restore_ema(self, checkpoint: dict) -> None:
+        if self.model_ema is None:
+            return
+        if checkpoint.get('state_dict_ema') is None:
+            _logger.warning('--resume: checkpoint has no EMA weights; the EMA restarts from the model')
+            return
+        self.model_ema.module.load_state_dict(extract_state_dict(checkpoint, use_ema=True, source=self.args.resume))
 
-def load_resume_weights(model, checkpoint: dict, path: str) -> None:
-    """The model weights of a ``--resume`` checkpoint, strictly (an error names mismatched keys)."""
-    state_dict = extract_state_dict(checkpoint, source=path)
-    try:
-        check_state_dict_matches(model, state_dict, source=path)
-    except ValueError as e:
-        raise ConfigError(f'--resume: {e}') from e
-    model.load_state_dict(state_dict, strict=True)
+    def _restore_optimization(self, checkpoint: dict) -> None:
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        if self.loss_scaler is not None and self.loss_scaler.state_dict_key in checkpoint:
+            self.loss_scaler.load_state_dict(checkpoint[self.loss_scaler.state_dict_key])
+        if self.sampler is not None and checkpoint.get('sampler'):
+            try:
+                self.sampler.load_state_dict(checkpoint['sampler'])
+            except ValueError as e:
+                _logger.warning(f'--resume: {e}; the head sampler restarts from --seed')
+        if self.lr_scheduler is not None and checkpoint.get('scheduler'):
+            load_nested_states(self.lr_scheduler, checkpoint['scheduler'])
+
+    @staticmethod
+    def _position(checkpoint: dict) -> ResumePoint:
+        # a recovery checkpoint resumes mid-epoch; an end-of-epoch one at the next epoch
+        if checkpoint.get('updates_done'):
+            return ResumePoint(int(checkpoint['epoch']), int(checkpoint['updates_done']))
+        return ResumePoint(int(checkpoint['epoch']) + 1, 0)
+
+    def _position_schedule(self, point: ResumePoint, updates_per_epoch: int) -> None:
+        """The schedule is a function of the arguments and the position, so --epochs may change on resume."""
+        if self.lr_scheduler is None or not (point.start_epoch > 0 or point.skip_updates):
+            return
+        if self.args.sched_on_updates:
+            self.lr_scheduler.step_update(point.start_epoch * updates_per_epoch + point.skip_updates)
+        else:
+            self.lr_scheduler.step(point.start_epoch)
+
+    def _restore_files(self, checkpoint: dict) -> None:
+        """Keep ranking the checkpoints of the same run folder (a resume into another folder starts afresh)."""
+        resume_dir = os.path.abspath(os.path.dirname(self.args.resume or ''))
+        if self.files is not None and checkpoint.get('saver') and resume_dir == os.path.abspath(self.files.directory):
+            self.files.load_state_dict(checkpoint['saver'])
+
+    def _restore_rng(self, checkpoint: dict, skip_updates: int) -> Optional[List[dict]]:
+        """Set this rank's RNGs to the resume point (the epoch start for a mid-epoch resume). Returns the states
+        to set once a mid-epoch resume has replayed the skipped steps."""
+        resume_rng = checkpoint.get('rng_state')
+        start_rng = checkpoint.get('epoch_rng_state') if skip_updates else resume_rng
+        if start_rng is not None:
+            args = self.args
+            if len(start_rng) != args.world_size:
+                _logger.warning(f'--resume: checkpoint from {len(start_rng)} processes, now {args.world_size}: '
+                                f'random streams differ from an uninterrupted run')
+            set_rng_state(start_rng[args.rank] if len(start_rng) == args.world_size else start_rng[0])
+        return resume_rng

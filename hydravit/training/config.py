@@ -454,6 +454,8 @@ def check_optimizer_and_schedule(args: argparse.Namespace) -> None:
                           f'{len(list_optimizers())}, e.g. sgd, adamw, lamb)') from None
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
-        create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+        scheduler, _ = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
     except (ValueError, AssertionError) as e:
         raise ConfigError(f'--sched: {e}') from None
+    if scheduler is None:  # timm < 1.0.31 returns no scheduler for a name it does not know
+        raise ConfigError(f'--sched: Unknown scheduler {args.sched!r}.')

@@ -1,25 +1,24 @@
 """Datasets, loaders and Mixup/CutMix for training, all from timm.data, plus early data-dir checks."""
 import argparse
+import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
-from timm.data.dataset_factory import _search_split
-from timm.data.readers.reader_image_folder import find_images_and_targets
 
+from ..classes import class_map_onto, class_names, dataset_class_to_idx, missing_classes, shown
 from .config import ConfigError
 
-
-def _split_root(root: str, split: str) -> str:
-    """The folder timm's ImageFolder reads for ``split``: ROOT/SPLIT, a synonym (val, valid, ...), else ROOT."""
-    return _search_split(root, split)  # timm's own rule, so the check and the reader agree
+_logger = logging.getLogger('train')
 
 
 def check_data_dir(args: argparse.Namespace) -> None:
     """Fail early, naming the flag, when the dataset folder is missing or holds no images.
 
-    Only folder datasets (``--dataset`` empty) are checked here; other readers report their own errors.
+    Only folder datasets (``--dataset`` empty) are checked here; other readers report their own errors. Each split
+    is opened with timm's ``create_dataset``, so the folder checked is the one timm reads (ROOT/SPLIT, a synonym
+    such as val / valid, else ROOT itself).
     """
     root = args.data_dir
     if not os.path.isdir(root):
@@ -28,24 +27,52 @@ def check_data_dir(args: argparse.Namespace) -> None:
         return
     splits = [('--train-split', args.train_split)] + ([('--val-split', args.val_split)] if args.val_split else [])
     for flag, split in splits:
-        folder = _split_root(root, split)
-        if folder == root and any(os.path.isdir(os.path.join(root, s)) for _, s in splits if s != split):
+        try:
+            folder = create_dataset('', root=root, split=split).reader.root
+        except RuntimeError as e:  # timm: "Found 0 images in subfolders of FOLDER"
+            found = str(e).split('. ')[0]
+            raise ConfigError(f'--data-dir: no images found for {flag} {split!r} in {root} '
+                              f'(expected CLASS/IMAGE files; timm: {found})') from e
+        if os.path.samefile(folder, root) and any(os.path.isdir(os.path.join(root, s)) for _, s in splits
+                                                  if s != split):
             raise ConfigError(f'{flag}: no folder {split!r} in {root} (found: {sorted(os.listdir(root))})')
-        images, _ = find_images_and_targets(folder)
-        if not images:
-            raise ConfigError(f'--data-dir: no images found in {folder} (expected CLASS/IMAGE files)')
 
 
 def create_datasets(args: argparse.Namespace, input_img_mode: str) -> Tuple[Any, Optional[Any]]:
-    common = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
+    """(train, validation or None). Validation labels mean the training classes, matched by folder name."""
+    common = dict(download=args.dataset_download, batch_size=args.batch_size,
                   input_img_mode=input_img_mode, input_key=args.input_key, target_key=args.target_key)
     train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                           seed=args.seed, repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
-    val = None
-    if args.val_split:
-        val = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                             num_samples=args.val_num_samples, **common)
-    return train, val
+                           seed=args.seed, repeats=args.epoch_repeats, num_samples=args.train_num_samples,
+                           class_map=args.class_map, **common)
+    if not args.val_split:
+        return train, None
+
+    def validation(class_map):
+        return create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+                              num_samples=args.val_num_samples, class_map=class_map, **common)
+
+    val = validation(args.class_map)
+    train_classes, val_classes = dataset_class_to_idx(train), dataset_class_to_idx(val)
+    if args.class_map or train_classes is None or val_classes is None:
+        return train, val  # --class-map numbers both splits; other readers label by their own rules
+    names = class_names(train_classes)
+    try:
+        class_map = class_map_onto(names, val_classes, f'--val-split {args.val_split!r}')
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    missing = missing_classes(names, val_classes)
+    if missing:
+        _logger.warning(f'--val-split {args.val_split!r} has no images of {len(missing)} of the {len(names)} '
+                        f'training classes ({shown(missing)}); '
+                        f'its labels are matched to the training classes by name')
+    return train, val if class_map is None else validation(class_map)
+
+
+def train_class_names(dataset) -> Optional[List[str]]:
+    """The training classes in label order (recorded with every checkpoint), or None for readers without names."""
+    class_to_idx = dataset_class_to_idx(dataset)
+    return class_names(class_to_idx) if class_to_idx else None
 
 
 def mixup_args(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
