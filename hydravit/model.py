@@ -13,12 +13,14 @@ from timm.layers import trunc_normal_
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
 from .layers import (
+    ActiveParams,
     SeparateClassifiers,
     SliceableAttention,
     SliceableLayerNorm,
     SliceableLinear,
     SliceableMlp,
     SliceablePatchEmbed,
+    qkv_to_head_major,
 )
 
 __all__ = ['HydraViT']
@@ -26,7 +28,7 @@ __all__ = ['HydraViT']
 SUPPORTED_POOLS = ('token', 'avg', 'max', 'avgmax', '')
 
 
-class HydraViT(VisionTransformer):
+class HydraViT(ActiveParams, VisionTransformer):
     """Vision Transformer with a run-time selectable number of leading attention heads.
 
     ``set_heads(k)`` selects the subnetwork made of the first ``k`` heads: embedding width
@@ -110,6 +112,32 @@ class HydraViT(VisionTransformer):
         """Embedding width of the active subnetwork (``active_heads * head_dim``)."""
         return self._active_heads * self.head_dim
 
+    # timm's ViT sets num_features = head_hidden_size = embed_dim once; here they follow the active subnetwork, so
+    # code sizing a layer from them (``nn.Linear(model.num_features, n)`` after ``reset_classifier(0)``) fits the
+    # features the model returns, as the exported ViT of that width reports.
+    @property
+    def num_features(self) -> int:
+        """Width of the features ``forward_features`` returns: the active embedding width."""
+        return self.active_embed_dim if '_active_heads' in self.__dict__ else self.embed_dim
+
+    @num_features.setter
+    def num_features(self, value: int) -> None:
+        self._set_derived_width('num_features', value)
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the classifier sees (``forward_head(pre_logits=True)``): the active width."""
+        return self.num_features
+
+    @head_hidden_size.setter
+    def head_hidden_size(self, value: int) -> None:
+        self._set_derived_width('head_hidden_size', value)
+
+    def _set_derived_width(self, name: str, value: int) -> None:
+        # timm's __init__ assigns these before set_heads exists; afterwards they are read-only views of k
+        if '_active_heads' in self.__dict__:
+            raise AttributeError(f'{name} follows the active head count ({self.active_embed_dim}); use set_heads')
+
     @property
     def p(self) -> int:
         """Active embedding width, the official HydraViT code's name for it: ``model.p = 192`` is ``set_heads(3)``
@@ -155,21 +183,50 @@ class HydraViT(VisionTransformer):
             raise ValueError(f'global_pool must be one of {SUPPORTED_POOLS}, got {global_pool!r}')
         super().reset_classifier(num_classes, global_pool)
         self.head = self._make_head(num_classes).train(self.training)
-        self.vit_args.update(num_classes=num_classes, global_pool=self.global_pool)
+        # nothing else to record: hydravit.export reads the class count, pooling and norm placement from the model
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``set_input_size`` (position table resampled, patch kernel resampled for a new patch size),
+        keeping the patch projection sliceable: timm swaps in a plain ``nn.Conv2d`` for a new patch size, which
+        would emit the full width whatever k is."""
+        proj_cls = type(self.patch_embed.proj)
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        proj = self.patch_embed.proj
+        if type(proj) is not proj_cls:
+            sliceable = proj_cls(proj.in_channels, proj.out_channels, proj.kernel_size, stride=proj.stride,
+                                 padding=proj.padding, bias=proj.bias is not None, device=proj.weight.device,
+                                 dtype=proj.weight.dtype)
+            sliceable.load_state_dict(proj.state_dict())
+            for new, old in zip(sliceable.parameters(), proj.parameters(), strict=True):
+                new.requires_grad_(old.requires_grad)
+            self.patch_embed.proj = sliceable.train(proj.training)
+        self.set_heads(self.active_heads)  # the (new) projection emits the active width
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
-        prefix = [
-            t[..., :width].expand(x.shape[0], -1, -1)
-            for t in (self.cls_token, self.reg_token) if t is not None
-        ]
-        if self.pos_embed is None:
+        tokens = (self.cls_token, self.reg_token, self.pos_embed)
+        cls_token, reg_token, pos_embed = self.leading(
+            tokens, [None if t is None else (*t.shape[:-1], width) for t in tokens])
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (cls_token, reg_token) if t is not None]
+        if pos_embed is None:
             x = torch.cat(prefix + [x], dim=1)
         elif self.no_embed_class:
-            x = torch.cat(prefix + [x + self.pos_embed[..., :width]], dim=1)
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
         else:
-            x = torch.cat(prefix + [x], dim=1) + self.pos_embed[..., :width]
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
         return self.pos_drop(x)
+
+    def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
+        """timm's loader of big_vision ``.npz`` weights, which writes qkv in timm's layout straight into it."""
+        super().load_pretrained(checkpoint_path, prefix)
+        self._qkv_from_timm_layout()
+
+    @torch.no_grad()
+    def _qkv_from_timm_layout(self) -> None:
+        for block in self.blocks:
+            for p in (block.attn.qkv.weight, block.attn.qkv.bias):
+                if p is not None:
+                    p.copy_(qkv_to_head_major(p, self.num_heads))
 
     def subnetwork_params(self, k: Optional[int] = None) -> int:
         """Parameter count of the subnetwork with ``k`` heads (default: the active one)."""
@@ -215,6 +272,9 @@ default_cfgs = generate_default_cfgs({
     'hydravit_dyn_patch16_224': _cfg(),
     # CPU-scale sibling for demos and tests (32px, e.g. the bundled digits).
     'hydravit_dyn_patch4_32': _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    # Geometries of timm's other common ViTs, the targets of hydravit.convert.
+    'hydravit_dyn_small_patch16_224': _cfg(),
+    'hydravit_dyn_large_patch16_224': _cfg(),
 })
 
 
@@ -230,3 +290,17 @@ def hydravit_dyn_patch4_32(pretrained: bool = False, **kwargs) -> HydraViT:
     """32px, patch 4, depth 6, 12 heads x 16 (embed 192): the CPU-scale sibling."""
     model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=12)
     return _create_hydravit('hydravit_dyn_patch4_32', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hydravit_dyn_small_patch16_224(pretrained: bool = False, **kwargs) -> HydraViT:
+    """DeiT-S / ViT-S/16 geometry (embed 384, 6 heads x 64, depth 12): k = 1..6, k = 3 is DeiT-Tiny-shaped."""
+    model_args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_hydravit('hydravit_dyn_small_patch16_224', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hydravit_dyn_large_patch16_224(pretrained: bool = False, **kwargs) -> HydraViT:
+    """ViT-L/16 geometry (embed 1024, 16 heads x 64, depth 24): k = 1..16."""
+    model_args = dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_hydravit('hydravit_dyn_large_patch16_224', pretrained, **dict(model_args, **kwargs))

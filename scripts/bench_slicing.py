@@ -14,6 +14,14 @@ repetitions, their ratio sliced/dedicated, and the median of the per-repetition 
   full model at every k, so it has no dedicated counterpart to match
 * peak memory of one training step (fwd + bwd + AdamW), each model in a fresh spawned process:
   peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA
+* with ``--cuda-graph`` (CUDA): latency at batch 1 of replaying one CUDA graph of each model per k
+  (``hydravit.evaluation.cuda_graph``, captured before timing)
+
+``--metrics`` picks the timed phases (eval, latency, train). ``--compile`` times both models compiled
+(inductor, ``dynamic=False``): after ``torch._dynamo.reset()`` per k, each model compiles one graph per k
+and phase (eval at -b, eval at batch 1, train), compile time excluded by the warm-up; memory is measured
+eager. Every time comes from the evaluation core's ``time_call`` (CUDA events on GPU, synchronized per
+call), under its ``autocast`` helper (``--amp``, ``--amp-dtype``).
 
 Progress goes to stderr; the summary (plain or ``--markdown``) to stdout. Small and quick:
 ``python scripts/bench_slicing.py --model hydravit_dyn_patch4_32 --batch-size 8 --reps 3``
@@ -29,7 +37,6 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -43,6 +50,9 @@ import timm  # noqa: E402
 
 import hydravit  # noqa: E402  registers the models with timm
 from hydravit.cli import parse_heads  # noqa: E402
+from hydravit.evaluation.common import add_amp_args, autocast  # noqa: E402
+from hydravit.evaluation.cuda_graph import GraphCache  # noqa: E402
+from hydravit.evaluation.throughput import time_call  # noqa: E402
 from hydravit.export import subnetwork_vit_args  # noqa: E402
 
 VARIANTS = ('sliced', 'dedicated')
@@ -54,7 +64,15 @@ METRICS = {
     'latency_ms': ('latency, batch 1', 'ms', False, 1.10),
     'fwd_bwd_ms': ('forward+backward', 'ms', False, 1.05),
     'adamw_ms': ('AdamW step', 'ms', False, None),
+    'latency_graph_ms': ('latency, batch 1, CUDA graph', 'ms', False, 1.03),
 }
+COMPILED_TARGETS = {'fwd_bwd_ms': 1.03}  # compiled, both models run the same fused kernels
+PHASES = ('eval', 'latency', 'train')  # --metrics
+
+
+def target_of(metric: str, compiled: bool) -> Optional[float]:
+    """The target on sliced/dedicated for ``metric`` (None: reported, no target)."""
+    return COMPILED_TARGETS.get(metric, METRICS[metric][3]) if compiled else METRICS[metric][3]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -72,7 +90,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--min-time', type=float, default=0.5,
                         help='seconds one repetition should last: fast calls are repeated within a repetition')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    add_amp_args(parser)
+    parser.add_argument('--metrics', nargs='+', choices=PHASES, default=list(PHASES),
+                        help='timed phases: eval (throughput at -b), latency (batch 1), train (forward+backward, '
+                             'AdamW) (default: all)')
+    parser.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                        help='torch.compile both models with BACKEND (default: inductor), one graph per k and '
+                             'phase; compile time is part of the warm-up')
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='CUDA: also time batch-1 latency replaying one CUDA graph per k of each model')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
     parser.add_argument('--clock', choices=('wall', 'process'), default='wall',
                         help='CPU only: "process" times CPU time of this process (use with --threads 1 on a '
@@ -108,53 +134,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error('--device: only cpu and cuda are supported')
     if args.clock == 'process' and args.device.type != 'cpu':
         parser.error('--clock process: only for --device cpu (GPU timings use CUDA events)')
+    if args.cuda_graph and args.device.type != 'cuda':
+        parser.error(f'--cuda-graph: CUDA graphs need --device cuda, got {args.device}')
+    if args.cuda_graph and args.compile:
+        parser.error('--cuda-graph: cannot be combined with --compile (time graphs and compiled models apart)')
+    if args.compile and args.warmup < 1:
+        parser.error('--compile needs --warmup >= 1 so that compilation is not timed')
+    args.metrics = [phase for phase in PHASES if phase in args.metrics]  # in the order they run, once each
     return args
 
 
 # --- timing ---------------------------------------------------------------------------------------
-class Clock:
-    """Timestamps that respect asynchronous devices: CUDA events on GPU, perf_counter on CPU.
-
-    ``process=True`` (CPU only) reads this process's CPU time instead of wall time: with one thread it
-    equals wall time on an idle machine but does not count the time other processes hold the cores.
-    """
-
-    def __init__(self, device: torch.device, process: bool = False) -> None:
-        self.cuda = device.type == 'cuda'
-        self.now = time.process_time if process else time.perf_counter
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return self.now()
-
-    def seconds(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return end - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-# A measured call runs once and returns a list of marks; consecutive marks delimit its metrics.
-Call = Callable[[], list]
+# A measured call runs once and returns milliseconds per metric, each timed by the core's ``time_call``.
+Call = Callable[[], List[float]]
 
 
 def interleave(calls: Dict[str, Call], metrics: List[str], reps: int, warmup: int, min_time: float,
-               clock: Clock, device: torch.device, label: str, started: float) -> Dict[str, Dict[str, list]]:
-    """Run ``calls`` alternately and return per-repetition seconds: ``{variant: {metric: [s, ...]}}``."""
+               label: str, started: float) -> Dict[str, Dict[str, list]]:
+    """Run ``calls`` alternately and return per-repetition seconds per call: ``{variant: {metric: [s, ...]}}``."""
 
     def run(name: str, iters: int) -> List[float]:
-        marks = [calls[name]() for _ in range(iters)]
-        sync(device)
-        totals = [sum(clock.seconds(m[i], m[i + 1]) for m in marks) for i in range(len(metrics))]
-        return [t / iters for t in totals]
+        totals = [0.] * len(metrics)
+        for _ in range(iters):
+            for i, ms in enumerate(calls[name]()):
+                totals[i] += ms
+        return [t / iters / 1e3 for t in totals]
 
     # The last warmup call (at least one call) also calibrates how many calls one repetition needs,
     # so that fast calls are not timer noise.
@@ -182,32 +186,40 @@ def progress(msg: str, started: float) -> None:
 
 
 # --- the measured calls ---------------------------------------------------------------------------
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def eval_call(model: nn.Module, x: torch.Tensor, clock: Clock, amp: bool) -> Call:
-    def call() -> list:
-        with torch.inference_mode(), autocast(x.device, amp):
-            start = clock.mark()
-            model(x)
-            return [start, clock.mark()]
-    return call
+def eval_forward(model: nn.Module, args: argparse.Namespace) -> Forward:
+    """The model's inference forward under ``--amp`` (the core's autocast helper)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(args, x.device):
+            return model(x)
+    return forward
+
+
+def graphed(forward: Forward, x: torch.Tensor) -> Forward:
+    """``forward`` replayed from a CUDA graph captured here for batches like ``x``."""
+    graphs = GraphCache(lambda _, batch: forward(batch), x.device)
+    graphs.capture('x', x)
+    return lambda batch: graphs('x', batch)
+
+
+def eval_call(forward: Forward, x: torch.Tensor, clock: Callable[[], float]) -> Call:
+    return lambda: [time_call(lambda: forward(x), x.device, clock)[1]]
 
 
 def train_call(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               clock: Clock, amp: bool) -> Call:
-    """One training step; marks split it into forward+backward and the optimizer step."""
+               args: argparse.Namespace, clock: Callable[[], float]) -> Call:
+    """One training step, timed as forward+backward and the optimizer step."""
 
-    def call() -> list:
-        optimizer.zero_grad(set_to_none=True)
-        start = clock.mark()
-        with autocast(x.device, amp):
+    def forward_backward() -> None:
+        with autocast(args, x.device):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        backward_done = clock.mark()
-        optimizer.step()
-        return [start, backward_done, clock.mark()]
+
+    def call() -> List[float]:
+        optimizer.zero_grad(set_to_none=True)
+        return [time_call(forward_backward, x.device, clock)[1], time_call(optimizer.step, x.device, clock)[1]]
     return call
 
 
@@ -255,11 +267,17 @@ def peak_rss() -> int:
     return peak if sys.platform == 'darwin' else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def warm_runtime(device: torch.device, amp: bool) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the GPU before reading its memory statistics."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def warm_runtime(device: torch.device, amp: argparse.Namespace) -> None:
     """One tiny training step: what torch loads lazily on a first step must not count as the model's memory."""
     layer = nn.Linear(8, 8).to(device)
     optimizer = make_optimizer(layer)
-    with autocast(device, amp):
+    with autocast(amp, device):
         loss = layer(torch.randn(2, 8, device=device)).float().sum()
     loss.backward()
     optimizer.step()
@@ -273,7 +291,8 @@ def memory_child(conn, spec: dict) -> None:
             torch.set_num_threads(spec['threads'])
         torch.manual_seed(0)
         cuda = device.type == 'cuda'
-        warm_runtime(device, spec['amp'])
+        amp = argparse.Namespace(amp=spec['amp'], amp_dtype=spec['amp_dtype'])
+        warm_runtime(device, amp)
         base = torch.cuda.memory_allocated(device) if cuda else current_rss()
         model = build_variant(spec).to(device).train()
         optimizer = make_optimizer(model)
@@ -288,7 +307,7 @@ def memory_child(conn, spec: dict) -> None:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device) if cuda else current_rss()
-            with autocast(device, spec['amp']):
+            with autocast(amp, device):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
@@ -322,10 +341,10 @@ def median_ratio(sliced: list, dedicated: list) -> float:
     return statistics.median(s / d for s, d in zip(sliced, dedicated, strict=True))
 
 
-def summarize(samples: Dict[str, Dict[str, list]], batch: Dict[str, int]) -> Dict[str, dict]:
+def summarize(samples: Dict[str, Dict[str, list]], batch: Dict[str, int], compiled: bool = False) -> Dict[str, dict]:
     """Medians per variant in the reported units, the ratio of medians and the median paired ratio."""
     out = {}
-    for metric, (_, _, higher, target) in METRICS.items():
+    for metric, (_, _, higher, _) in METRICS.items():
         if metric not in samples['sliced']:
             continue
         if metric == 'eval_img_s':
@@ -334,6 +353,7 @@ def summarize(samples: Dict[str, Dict[str, list]], batch: Dict[str, int]) -> Dic
             values = {v: [s * 1e3 for s in samples[v][metric]] for v in VARIANTS}
         medians = {v: statistics.median(values[v]) for v in VARIANTS}
         ratio = medians['sliced'] / medians['dedicated']
+        target = target_of(metric, compiled)
         entry = dict(medians, ratio=ratio, paired_ratio=median_ratio(values['sliced'], values['dedicated']),
                      samples=values, target=target)
         if target is not None:
@@ -342,7 +362,7 @@ def summarize(samples: Dict[str, Dict[str, list]], batch: Dict[str, int]) -> Dic
     return out
 
 
-def bench_k(hydra: nn.Module, k: int, args: argparse.Namespace, clock: Clock, started: float) -> dict:
+def bench_k(hydra: nn.Module, k: int, args: argparse.Namespace, clock: Callable[[], float], started: float) -> dict:
     """All measurements for head count k."""
     hydra.set_heads(k)
     result = {'k': k, 'embed_dim': k * hydra.head_dim,
@@ -363,41 +383,63 @@ def bench_memory(hydra: nn.Module, k: int, args: argparse.Namespace, started: fl
             model=args.model, create_kwargs=create_kwargs(args), variant=variant, k=k,
             vit_args=subnetwork_vit_args(hydra, k), device=str(args.device), threads=args.threads,
             img_size=args.img_size, batch_size=args.batch_size, num_classes=args.num_classes, amp=args.amp,
+            amp_dtype=args.amp_dtype,
         ))
     return memory
 
 
-def bench_speed(hydra: nn.Module, k: int, args: argparse.Namespace, clock: Clock, started: float) -> dict:
-    """Interleaved timings of the sliced model (already set to k) and its exported twin."""
+def compiled(models: Dict[str, nn.Module], backend: str) -> Dict[str, nn.Module]:
+    """Both models under ``torch.compile`` (inductor), fresh for this k: ``torch._dynamo.reset()`` first, and a
+    recompile limit that fits one graph per phase of both models (past it dynamo would silently run eagerly)."""
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), 4 * len(PHASES)))
+    return {v: torch.compile(m, backend=backend, dynamic=False) for v, m in models.items()}
+
+
+def bench_speed(hydra: nn.Module, k: int, args: argparse.Namespace, clock: Callable[[], float],
+                started: float) -> dict:
+    """Interleaved timings of the sliced model (already set to k) and its exported twin, eager or compiled."""
     device = args.device
     dedicated = hydravit.export_subnetwork(hydra, k).to(device)
-    models = {'sliced': hydra, 'dedicated': dedicated}
+    plain = {'sliced': hydra, 'dedicated': dedicated}
     size = args.img_size
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     x1 = x[:1].clone()
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    for m in models.values():
+    for m in plain.values():
         m.eval()
     with torch.inference_mode():
         max_diff = (hydra(x1) - dedicated(x1)).abs().max().item()
     progress(f'k={k}: embed {k * hydra.head_dim}, dedicated ViT equals the slice (max |diff| {max_diff:.1e})',
              started)
-    common = dict(warmup=args.warmup, min_time=args.min_time, clock=clock, device=device, started=started)
+    models = compiled(plain, args.compile) if args.compile else plain
+    common = dict(warmup=args.warmup, min_time=args.min_time, started=started)
     samples = {v: {} for v in VARIANTS}
-    for batch_x, metric in ((x, 'eval_img_s'), (x1, 'latency_ms')):
-        label = f'k={k} {"eval" if metric == "eval_img_s" else "latency"} b{batch_x.shape[0]}'
-        got = interleave({v: eval_call(m, batch_x, clock, args.amp) for v, m in models.items()},
-                         [metric], args.reps, label=label, **common)
+
+    def measure(calls: Dict[str, Call], metrics: List[str], reps: int, label: str) -> None:
+        got = interleave(calls, metrics, reps, label=label, **common)
         for v in VARIANTS:
             samples[v].update(got[v])
-    optimizers = {v: make_optimizer(m.train()) for v, m in models.items()}
-    got = interleave({v: train_call(m, optimizers[v], x, y, clock, args.amp) for v, m in models.items()},
-                     ['fwd_bwd_ms', 'adamw_ms'], args.train_reps, label=f'k={k} train b{args.batch_size}', **common)
-    for v in VARIANTS:
-        samples[v].update(got[v])
-    hydra.zero_grad(set_to_none=True)
-    del optimizers, dedicated, models
-    return {'max_abs_diff': max_diff, 'metrics': summarize(samples, {'eval_img_s': args.batch_size})}
+
+    forwards = {v: eval_forward(m, args) for v, m in models.items()}
+    for phase, metric, batch_x in (('eval', 'eval_img_s', x), ('latency', 'latency_ms', x1)):
+        if phase in args.metrics:
+            measure({v: eval_call(f, batch_x, clock) for v, f in forwards.items()}, [metric], args.reps,
+                    f'k={k} {phase} b{batch_x.shape[0]}')
+    if args.cuda_graph:  # eager models, one graph each, captured before timing and freed after
+        measure({v: eval_call(graphed(f, x1), x1, clock) for v, f in forwards.items()}, ['latency_graph_ms'],
+                args.reps, f'k={k} latency b1 CUDA graph')
+    if 'train' in args.metrics:
+        optimizers = {v: make_optimizer(m.train()) for v, m in plain.items()}
+        measure({v: train_call(models[v], optimizers[v], x, y, args, clock) for v in VARIANTS},
+                ['fwd_bwd_ms', 'adamw_ms'], args.train_reps, f'k={k} train b{args.batch_size}')
+        hydra.zero_grad(set_to_none=True)
+        del optimizers
+    del dedicated, models, plain, forwards
+    return {'max_abs_diff': max_diff,
+            'metrics': summarize(samples, {'eval_img_s': args.batch_size}, compiled=bool(args.compile))}
 
 
 def create_kwargs(args: argparse.Namespace) -> dict:
@@ -433,12 +475,13 @@ def format_report(results: List[dict], args: argparse.Namespace, markdown: bool)
                 lines.append('  '.join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
         lines.append('')
 
-    precision = {'eval_img_s': 2, 'latency_ms': 2, 'fwd_bwd_ms': 0, 'adamw_ms': 1}
+    precision = {'eval_img_s': 2, 'latency_ms': 2, 'fwd_bwd_ms': 0, 'adamw_ms': 1, 'latency_graph_ms': 3}
     rows = []
     for r in results:
-        for metric, (label, unit, higher, target) in METRICS.items():
+        for metric, (label, unit, higher, _) in METRICS.items():
             m = r.get('metrics', {}).get(metric)
-            if m is None or target is None:
+            target = None if m is None else m['target']
+            if target is None:
                 continue
             bound = f'>= {target:.2f}' if higher else f'<= {target:.2f}'
             p = precision[metric]
@@ -485,9 +528,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f'error: {e}') from None
     args.img_size = hydra.patch_embed.img_size[0]
     hydra = hydra.to(args.device)
-    clock = Clock(args.device, process=args.clock == 'process')
+    clock = time.process_time if args.clock == 'process' else time.perf_counter  # CPU only; CUDA: events
     progress(f'{args.model} on {args.device} ({torch.get_num_threads()} threads), {args.img_size}px, '
-             f'batch {args.batch_size}, ks {ks}, amp {"bf16" if args.amp else "off"}, {args.clock} clock', started)
+             f'batch {args.batch_size}, ks {ks}, amp {args.amp_dtype if args.amp else "off"}, '
+             f'{f"compiled ({args.compile})" if args.compile else "eager"}, phases {" ".join(args.metrics)}'
+             f'{" + CUDA graph latency" if args.cuda_graph else ""}, {args.clock} clock', started)
     results = [bench_k(hydra, k, args, clock, started) for k in ks]
     progress('done', started)
     if args.output_json:

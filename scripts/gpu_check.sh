@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# Exercise every CUDA path of hydravit in one command (<= 10 min on one H100), on generated data:
-#   training through distributed_train.sh (nccl DDP when 2+ GPUs are visible) with AMP bf16, AMP fp16 + GradScaler,
-#   channels-last, --torchcompile (inductor), sandwich + in-place KD; validate.py on the trained checkpoint;
-#   validate_throughput.py (k = 3 6 12, -b 256, fp32 and --amp), validate_memory.py (CUDA peak), bench_slicing.py.
+# Exercise every CUDA path of hydravit in one command (<= 10 min on one H100/H200), on generated data, the steps
+# that measure the open questions first:
+#   bench_slicing.py, sliced ViT-B against dedicated ViTs, in the two settings of docs/benchmarks.md's GPU table:
+#   fp32 (TF32) -b 32 eager with peak memory and batch-1 latency from CUDA graphs, --amp (bf16) -b 256 eager, and
+#   both settings compiled (inductor, forward+backward, k = 3 6: k = 12 slices nothing); the CUDA-graph serving path
+#   (scripts/check_cuda_graph.py: ElasticRunner on per-k graphs equals the eager forward in fp32 and bf16, batch-1
+#   latency eager vs graph, validate_throughput.py --cuda-graph --model-dtype bfloat16); training through
+#   distributed_train.sh (nccl DDP when 2+ GPUs are visible) with AMP bf16, AMP fp16 + GradScaler, channels-last,
+#   --torchcompile (inductor), sandwich + in-place KD; validate.py on the trained checkpoint; validate_throughput.py
+#   (k = 3 6 12, -b 256, fp32 and --amp), validate_memory.py (CUDA peak).
 #
-#   scripts/gpu_check.sh [--dry-run] [--out DIR] [--steps NAME,NAME,...]
+#   Time plan on the H200 (seconds; the first run's figures, estimates for the new steps): env + data 15,
+#   bench-slicing-fp32 100 (60 of it the memory probes), bench-slicing-amp 35, bench-slicing-compile-fp32 and -amp
+#   90 each (about 20 s of inductor per graph, 4 graphs each), cuda-graph 30, training 40 + 29 + 76, validate 16,
+#   throughput 21 + 18, memory 14: about 575 s. Steps run in the order below, the open questions first; --budget
+#   (or --steps) keeps a run inside a device call's limit.
+#
+#   scripts/gpu_check.sh [--dry-run] [--out DIR] [--steps NAME,NAME,...] [--budget SECONDS]
 #
 #   --dry-run   the same plan on the CPU with tiny sizes: the small model in both model slots, a few images,
-#               --torchcompile aot_eager (inductor compiles for minutes on a CPU), NPROC 1. Checks the plan, not CUDA.
+#               --torchcompile aot_eager (inductor compiles for minutes on a CPU), NPROC 1; the CUDA-graph step and
+#               flags are left out (SKIP). Checks the plan, not CUDA.
 #   --out DIR   where everything goes (default output/gpu_check/DATE): logs/STEP.log, results/, train/, data/,
 #               summary.md (the table printed at the end).
 #   --steps     run only these steps (env and data always run), e.g. --steps train-base-fp16-compile,validate.
-#               Steps: env data train-small-bf16-compile train-small-fp16 train-base-fp16-compile validate
-#               throughput-fp32 throughput-amp memory bench-slicing.
+#               Steps: env data bench-slicing-fp32 bench-slicing-amp bench-slicing-compile-fp32
+#               bench-slicing-compile-amp cuda-graph train-small-bf16-compile train-small-fp16 train-base-fp16-compile
+#               validate throughput-fp32 throughput-amp memory.
+#   --budget S  finish within S seconds: env and data always run; a later step gets at most the time left (cut:
+#               FAILED, timed out) and a step that would start with 10 s or less left is SKIPped, so the summary is
+#               always written (e.g. --budget 500 inside a 520 s timeout).
 #   PYTHON      the interpreter (default python3); it must already have torch, timm and requirements.txt (nothing is
 #               installed: the GPU machine may have no internet). NPROC: processes for training (default: the number
 #               of visible GPUs).
@@ -25,18 +42,24 @@ PY="${PYTHON:-python3}"
 DRY=0
 OUT=""
 STEPS=""
+BUDGET=""
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --out) [ "$#" -ge 2 ] || { echo "$0: error: --out needs a folder" >&2; exit 2; }; OUT=$2; shift ;;
         --steps) [ "$#" -ge 2 ] || { echo "$0: error: --steps needs step names" >&2; exit 2; }; STEPS=$2; shift ;;
+        --budget)
+            [[ "$#" -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || {
+                echo "$0: error: --budget needs a whole number of seconds > 0" >&2; exit 2; }
+            BUDGET=$2; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "$0: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-ALL_STEPS="env data train-small-bf16-compile train-small-fp16 train-base-fp16-compile validate throughput-fp32
-throughput-amp memory bench-slicing"
+ALL_STEPS="env data bench-slicing-fp32 bench-slicing-amp bench-slicing-compile-fp32 bench-slicing-compile-amp
+cuda-graph train-small-bf16-compile train-small-fp16 train-base-fp16-compile validate throughput-fp32 throughput-amp
+memory"
 for s in ${STEPS//,/ }; do
     if ! [[ " ${ALL_STEPS//$'\n'/ } " == *" $s "* ]]; then
         echo "$0: error: --steps: unknown step '$s' (steps: $(echo $ALL_STEPS))" >&2
@@ -57,7 +80,9 @@ if [ "$DRY" = 1 ]; then
     COMPILE=(--torchcompile aot_eager)
     NPROC="${NPROC:-1}"
     THROUGHPUT=(--num-warm-iter 1 --num-bench-iter 2)
-    BENCH=(--device cpu --ks 3 --reps 1 --train-reps 1 --warmup 0 --min-time 0 --threads 1)
+    BENCH=(--device cpu --ks 3 --reps 1 --train-reps 1 --warmup 1 --min-time 0 --threads 1)
+    BENCH_GRAPH=()  # CUDA graphs need a GPU
+    BENCH_COMPILE=(--compile aot_eager --ks 3)
     LIMIT_TRAIN=300; LIMIT_EVAL=300
 else
     DEVICE=()
@@ -68,7 +93,9 @@ else
     COMPILE=(--torchcompile)  # inductor
     NPROC="${NPROC:-$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)}"
     THROUGHPUT=()
-    BENCH=(--device cuda --reps 5 --train-reps 5 --warmup 3 --min-time 0.25)
+    BENCH=(--device cuda --reps 3 --train-reps 3 --warmup 2 --min-time 0.2)
+    BENCH_GRAPH=(--cuda-graph)
+    BENCH_COMPILE=(--compile --ks 3 6)  # inductor; k = 12 slices nothing: the same graph as the dedicated ViT's
     LIMIT_TRAIN=420; LIMIT_EVAL=240
 fi
 HEADS=(--heads 3 6 12)
@@ -89,6 +116,14 @@ run_step() {
     local name=$1 limit=$2 pattern=$3
     shift 3
     selected "$name" || return 0
+    if [ -n "$BUDGET" ] && [ "$name" != env ] && [ "$name" != data ]; then
+        local left=$((BUDGET - (SECONDS - START)))
+        if [ "$left" -le 10 ]; then
+            skip_step "$name" "--budget $BUDGET s: $((left > 0 ? left : 0)) s left"
+            return 0
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     local log="$OUT/logs/$name.log" begin=$SECONDS rc note next=$((SECONDS + 30))
     echo "$(stamp) $name: started (up to ${limit} s; log $log)"
     printf '%q ' "$@" > "$OUT/logs/$name.cmd"
@@ -178,6 +213,25 @@ folder('$OUT/data/small', 32, $SMALL_IMAGES, $VAL_IMAGES)  # on the GPU 8 steps 
 folder('$OUT/data/base', $BASE_SIZE, $BASE_IMAGES, $VAL_IMAGES)  # on the GPU 8 steps of -b 32
 "
 
+# --- sliced against dedicated (the open questions first) -------------------------------------------------------
+BENCH_NOTE='^\| (3|12) \| (forward\+backward|latency, batch 1, CUDA)'
+run_step bench-slicing-fp32 "$LIMIT_EVAL" "$BENCH_NOTE" "$PY" scripts/bench_slicing.py --model "$BASE" "${BENCH[@]}" \
+    -b 32 "${BENCH_GRAPH[@]}" --markdown --output-json "$OUT/results/bench_slicing_fp32.json"
+run_step bench-slicing-amp "$LIMIT_EVAL" "$BENCH_NOTE" "$PY" scripts/bench_slicing.py --model "$BASE" "${BENCH[@]}" \
+    --amp -b "$((DRY ? 4 : 256))" --no-memory --markdown --output-json "$OUT/results/bench_slicing_amp.json"
+for setting in fp32 amp; do
+    [ "$setting" = amp ] && PRECISION=(--amp -b "$((DRY ? 4 : 256))") || PRECISION=(-b 32)
+    run_step "bench-slicing-compile-$setting" "$LIMIT_EVAL" '^\| [0-9]+ \| forward\+backward' "$PY" \
+        scripts/bench_slicing.py --model "$BASE" "${BENCH[@]}" "${BENCH_COMPILE[@]}" "${PRECISION[@]}" --metrics train \
+        --no-memory --markdown --output-json "$OUT/results/bench_slicing_compile_$setting.json"
+done
+if [ "$DRY" = 1 ]; then
+    selected cuda-graph && skip_step cuda-graph "dry run: CUDA graphs need a GPU (their dispatch is tested on the CPU)"
+else
+    run_step cuda-graph "$LIMIT_EVAL" '^CUDA graphs:' "$PY" scripts/check_cuda_graph.py --model "$BASE" "${HEADS[@]}"
+fi
+
+# --- training, evaluation ----------------------------------------------------------------------------------------
 if [ "$NPROC" = 1 ] && { selected train-small-bf16-compile || selected train-small-fp16 ||
         selected train-base-fp16-compile; }; then
     skip_step nccl-ddp "1 training process (NPROC=1, $([ "$DRY" = 1 ] && echo 'dry run' || echo '1 GPU')): DDP over nccl needs 2 GPUs"
@@ -202,7 +256,5 @@ run_step throughput-amp "$LIMIT_EVAL" '"throughput"' "$PY" validate_throughput.p
     "${HEADS[@]}" -b "$EVAL_BATCH" "${THROUGHPUT[@]}" --amp --results-file "$OUT/results/throughput_amp.csv"
 run_step memory "$LIMIT_EVAL" '"peak' "$PY" validate_memory.py --model "$BASE" "${DEVICE[@]}" "${HEADS[@]}" \
     --results-file "$OUT/results/memory.csv"
-run_step bench-slicing "$LIMIT_EVAL" '^\| (3|12) \| forward\+backward' "$PY" scripts/bench_slicing.py \
-    --model "$BASE" "${BENCH[@]}" --markdown --output-json "$OUT/results/bench_slicing.json"
 
 summary

@@ -63,10 +63,12 @@ def test_export_script_rejects_bad_heads(tmp_path):
 def test_leading_slice_writes_small_vit_into_leading_slices(model):
     """The inverse use: a narrower ViT's tensors placed into the leading slices reproduce it."""
     small = timm.models.VisionTransformer(**hydravit.subnetwork_vit_args(model, 4)).eval()
+    full = model.state_dict()  # timm's layout (qkv: a copy of the head-major parameter), so write, then load
     with torch.no_grad():
         for name, tensor in small.state_dict().items():
-            view = leading_slice(name, model.state_dict()[name], tensor.shape)
+            view = leading_slice(name, full[name], tensor.shape)
             view.copy_(tensor.reshape(view.shape))
+    model.load_state_dict(full)
     model.set_heads(4)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Pick the subnetwork for a budget from a device profile.
 
     python -m hydravit.deploy pick profile.json [--max-latency-ms X] [--max-gmacs G] [--max-memory-mb M]
-        [--min-throughput T] [--min-top1 A] [--json] [--verify]
+        [--min-throughput T] [--min-top1 A] [--json] [--verify [--model-dtype D] [--cuda-graph]]
 
 The choice is the most accurate k that meets every bound; ties go to the cheaper (fewer GMACs, then
 lower latency, lower memory, higher throughput). Without accuracies in the profile the larger k is
@@ -19,7 +19,8 @@ import timm
 import torch
 
 from ..evaluation import throughput
-from ..evaluation.common import Row, UsageError, resolve_device
+from ..evaluation.common import MODEL_DTYPES, Row, UsageError, resolve_device
+from ..evaluation.cuda_graph import GraphCache
 from ..evaluation.environment import device_name
 from .profile import ProfileError, read_profile
 
@@ -126,6 +127,11 @@ def create_pick_parser() -> argparse.ArgumentParser:
                         help=f're-measure the chosen k\'s batch-1 latency here; warn when it is more than '
                              f'{VERIFY_TOLERANCE * 100:.0f}%% off the profile')
     parser.add_argument('--device', default=None, help="--verify's device (default: the profile's device type)")
+    parser.add_argument('--model-dtype', default=None, choices=MODEL_DTYPES,
+                        help="--verify: cast the model to this dtype, without autocast (default: as the profile was "
+                             "measured)")
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='--verify: time replays of a CUDA graph (default: as the profile was measured)')
     return parser
 
 
@@ -139,6 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = profile['rows']
     try:
         bounds = _bounds(args, rows)
+        if (args.model_dtype or args.cuda_graph) and not args.verify:
+            raise UsageError(f'{"--model-dtype" if args.model_dtype else "--cuda-graph"}: only with --verify (pick '
+                             'itself measures nothing)')
         device = _verify_device(args, profile) if args.verify else None
         chosen = choose(rows, bounds)
     except (UsageError, NoFit) as e:
@@ -147,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not args.json:
         print(format_table(result['frontier'], chosen, bounds))
     if args.verify:
-        result['verify'] = verify(profile, chosen, device, out=sys.stderr if args.json else sys.stdout)
+        result['verify'] = verify(profile, chosen, device, out=sys.stderr if args.json else sys.stdout,
+                                  settings=verify_settings(profile, args))
     if args.json:
         print(json.dumps(result, indent=2))
     return result
@@ -169,7 +179,29 @@ def _verify_device(args: argparse.Namespace, profile: dict) -> torch.device:
             and info.get('num_classes')):
         raise UsageError('--verify: the profile has no usable "model" object (name, num_classes, input_size) '
                          'to rebuild the model from')
-    return resolve_device(args.device or profile['device'].get('type'))
+    device = resolve_device(args.device or profile['device'].get('type'))
+    if verify_settings(profile, args)['cuda_graph'] and device.type != 'cuda':
+        flag = '--cuda-graph' if args.cuda_graph else '--verify (the profile was measured with CUDA graphs)'
+        raise UsageError(f'{flag}: CUDA graphs need a CUDA device, got {device}')
+    return device
+
+
+def verify_settings(profile: dict, args: Optional[argparse.Namespace] = None) -> dict:
+    """How ``--verify`` runs the model: as the profile records it was measured (model dtype, autocast dtype, CUDA
+    graphs), unless ``--model-dtype`` (then without autocast) or ``--cuda-graph`` say otherwise. A profile written
+    before these were recorded gives its ``device.dtype`` as the autocast dtype."""
+    info = profile.get('model') or {}
+    legacy_amp = profile['device'].get('dtype', 'float32')
+    settings = {
+        'model_dtype': info.get('model_dtype') or 'float32',
+        'amp_dtype': info['amp_dtype'] if 'amp_dtype' in info else (None if legacy_amp == 'float32' else legacy_amp),
+        'cuda_graph': bool(info.get('cuda_graph')),
+    }
+    if args is not None and args.model_dtype:
+        settings.update(model_dtype=args.model_dtype, amp_dtype=None)
+    if args is not None and args.cuda_graph:
+        settings['cuda_graph'] = True
+    return settings
 
 
 COLUMNS = (  # key, header, format
@@ -195,20 +227,30 @@ def format_table(frontier: Sequence[Row], chosen: Row, bounds: Dict[str, float])
 
 
 # --- --verify --------------------------------------------------------------------------------------------
-def verify(profile: dict, chosen: Row, device: torch.device, out=sys.stdout) -> dict:
-    """Re-measure the chosen k's batch-1 latency here; warn (stderr) when the median is >15 % off the profile."""
+def verify(profile: dict, chosen: Row, device: torch.device, out=sys.stdout, settings: Optional[dict] = None) -> dict:
+    """Re-measure the chosen k's batch-1 latency here; warn (stderr) when the median is >15 % off the profile.
+
+    ``settings``: model dtype, autocast dtype and CUDA graphs (default ``verify_settings(profile)``: as profiled).
+    """
     info, k = profile.get('model') or {}, chosen['heads']
-    model = _rebuild_model(info).to(device).eval()
+    settings = settings or verify_settings(profile)
+    dtype = getattr(torch, settings['model_dtype'])
+    model = _rebuild_model(info).to(device=device, dtype=dtype).eval()
     model.set_heads(k)
-    x = torch.randn(1, *info['input_size'], device=device)
-    dtype = profile['device'].get('dtype', 'float32')
+    x = torch.randn(1, *info['input_size'], device=device, dtype=dtype)
+    amp = settings['amp_dtype']
 
-    def forward():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, dtype),
-                                                    enabled=dtype != 'float32'):
-            return model(x)
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, amp or 'bfloat16'),
+                                                    enabled=amp is not None):
+            return model(inp)
 
-    measured = throughput.benchmark_latency(forward, device)
+    if settings['cuda_graph']:
+        graphs = GraphCache(lambda _, inp: forward(inp), device)
+        graphs.capture(k, x)
+        measured = throughput.benchmark_latency(lambda: graphs(k, x), device)
+    else:
+        measured = throughput.benchmark_latency(lambda: forward(x), device)
     off = measured['latency_ms_median'] / chosen['latency_ms_median'] - 1
     here = f'{device_name(device)} with {torch.get_num_threads()} threads'
     print(f'verify k={k} on {here}: batch-1 latency median {measured["latency_ms_median"]:.3g} ms, '

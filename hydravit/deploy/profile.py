@@ -1,7 +1,7 @@
 """Device profile: what the device is, and one row of costs (and accuracy) per head count.
 
     python -m hydravit.deploy profile [DATA] --model M [--checkpoint C] [--use-ema] [-b B] [--amp]
-        [--heads ...] [--accuracy FILE] -o profile.json
+        [--model-dtype float32|bfloat16|float16] [--cuda-graph] [--heads ...] [--accuracy FILE] -o profile.json
 
 Every number comes from the evaluation core (``hydravit.evaluation``): the same stages as the sweep
 (accuracy, batch-1 latency and batch-B throughput, DeepSpeed MACs, measured peak memory). The file
@@ -41,6 +41,7 @@ def create_profile_parser() -> argparse.ArgumentParser:
     parser = create_parser(__doc__, data_required=False, default_batch_size=256)
     parser.prog = 'python -m hydravit.deploy profile'
     throughput.add_args(parser)
+    throughput.add_serving_args(parser)
     group = parser.add_argument_group('Profile')
     group.add_argument('-o', '--output', default='profile.json', metavar='FILE',
                        help='profile JSON to write (default: profile.json)')
@@ -144,6 +145,11 @@ def _model_info(session: EvalSession) -> dict:
         'batch_size': args.batch_size,
         'memory_batch_size': args.memory_batch_size,
         'accuracy_from': args.accuracy or args.data or None,
+        # how the latencies were measured, for re-measuring them the same way (pick --verify)
+        'model_dtype': str(session.model_dtype).replace('torch.', ''),
+        'amp_dtype': args.amp_dtype if args.amp else None,
+        'cuda_graph': bool(args.cuda_graph),
+        'channels_last': bool(args.channels_last),
     }
 
 

@@ -17,18 +17,28 @@ grow with the square of the width), which errs on the cautious side when steppin
   steady load settles on one k. A k just left is blocked for ``backoff_s`` (0.5 s), doubling on each
   quick repeat up to ``max_backoff_s``; a prediction of the full headroom at that k lifts the block,
   so the runner climbs back as soon as a load ends.
+
+On CUDA, ``cuda_graph=True`` serves every call by replaying a CUDA graph of its k (``evaluation.cuda_graph``): one
+graph per k of the runner, all captured at construction from ``example_input``, so no served call ever pays a
+warm-up or a capture (a capture at first use would show up as an over-budget call and push the controller down), and
+a switch of k is a dictionary lookup, with nothing recompiled. The cost: one private memory pool per k, holding that
+k's forward activations at the example's batch, for the runner's lifetime (small at batch 1, where
+scripts/check_cuda_graph.py prints the figure; restrict ``heads`` for large batches). Batches must have the
+example's shape, dtype and device (another is refused with a ``ValueError``); on the CPU nothing changes:
+``cuda_graph`` is refused there.
 """
 import math
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..cli import parse_heads
 from ..evaluation.common import Row
+from ..evaluation.cuda_graph import GraphBackend, GraphCache, heads_forward
 from ..evaluation.throughput import time_call
 from .pick import accuracy_key
 from .profile import profile_rows
@@ -133,15 +143,26 @@ class ElasticRunner:
     Without a profile it starts at the largest k. ``runner.active_heads`` is the current k and
     ``runner.history`` holds ``(seconds since creation, k, latency_ms)`` per call (the last
     ``max_history``). Calls are not thread-safe; wrap them in ``torch.inference_mode()`` as usual.
+
+    ``forward``: what one call runs on its input (default ``model(x)``), e.g. the model under ``torch.autocast``.
+    ``cuda_graph``: serve from one CUDA graph per k, all captured here from ``example_input`` (a batch of the shape,
+    dtype and device every call will have); calls then take that one tensor and return a fresh output tensor. Raises
+    ``ValueError`` without ``example_input`` or off CUDA. ``graph_backend`` replaces the CUDA capture (tests).
     """
 
     def __init__(self, model, latency_budget_ms: float, heads: Optional[Sequence[int]] = None,
                  profile: Optional[ProfileLike] = None, *, window: int = 20, quantile: float = 0.9,
                  headroom: float = 0.15, up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
-                 max_history: Optional[int] = 100_000) -> None:
+                 max_history: Optional[int] = 100_000, forward: Optional[Callable[..., Any]] = None,
+                 cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None,
+                 graph_backend: Optional[GraphBackend] = None) -> None:
         if not (hasattr(model, 'set_heads') and hasattr(model, 'num_heads')):
             raise TypeError('ElasticRunner needs a model with set_heads(k) and num_heads (e.g. a HydraViT)')
+        if cuda_graph and example_input is None:
+            raise ValueError('cuda_graph needs example_input: a batch of the shape, dtype and device the calls will '
+                             'have (the graphs are captured from it at construction)')
         self.model = model
+        self.forward = forward if forward is not None else model
         heads = sorted(parse_heads(heads if heads is not None else _runnable(model), model.num_heads, 'heads'))
         entry_ms = latency_budget_ms * (1 - up_margin)  # the runner enters a k only with this margin
         costs, start = _from_profile(profile, heads, entry_ms) if profile is not None else (None, None)
@@ -150,6 +171,11 @@ class ElasticRunner:
         self.clock = clock
         self.device = _device_of(model)
         self.history: Deque[Tuple[float, int, float]] = deque(maxlen=max_history)
+        self.graphs: Optional[GraphCache] = None
+        if cuda_graph:
+            self.graphs = GraphCache(heads_forward(model, self.forward), self.device, backend=graph_backend)
+            for k in self.heads:  # all at construction: no served call includes a capture
+                self.graphs.capture(k, example_input)
         self.t0 = clock()  # history times are seconds since this
         self._set(self.controller.k)
 
@@ -170,13 +196,21 @@ class ElasticRunner:
         if k != self._k:
             self._set(k)
         start = self.clock()
-        out, latency_ms = time_call(lambda: self.model(*args, **kwargs), self.device, self.clock)
+        out, latency_ms = time_call(self._call(k, args, kwargs), self.device, self.clock)
         self.history.append((start - self.t0, k, latency_ms))
         self.controller.update(latency_ms, start + latency_ms / 1e3)
         return out
 
+    def _call(self, k: int, args: tuple, kwargs: dict) -> Callable[[], Any]:
+        """The work of one call at k: the forward, or the replay of k's graph (one tensor in)."""
+        if self.graphs is None:
+            return lambda: self.forward(*args, **kwargs)
+        if len(args) != 1 or kwargs:
+            raise TypeError('an ElasticRunner with cuda_graph takes one input tensor per call')
+        return lambda: self.graphs(k, args[0])
+
     def _set(self, k: int) -> None:
-        self.model.set_heads(k)  # O(1) for a HydraViT
+        self.model.set_heads(k)  # O(1) for a HydraViT; with graphs only bookkeeping (each graph has its k)
         self._k = k
 
 

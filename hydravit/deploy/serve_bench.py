@@ -2,7 +2,8 @@
 the fixed largest k and once by the ElasticRunner.
 
     python -m hydravit.deploy serve-bench --model hydravit_dyn_patch4_32 -b 16 --budget-ms 20 \\
-        [--duration 35] [--load-schedule off:10 on:15 off:10] [--load-procs N] [-o output/serve-bench]
+        [--duration 35] [--load-schedule off:10 on:15 off:10] [--load-procs N] [-o output/serve-bench] \\
+        [--amp | --model-dtype bfloat16] [--cuda-graph]
 
 Before the runs, every k is timed at batch B without load (the evaluation core's
 ``benchmark_latency``); those latencies are the runner's profile. Each run lasts ``--duration``
@@ -11,13 +12,15 @@ the load is on, while it is off), mean k, the time the runner needs after each l
 at the k it started from (the largest k that fits without load), and the runner's own cost per call
 (a runner around a model that does nothing, against the mean model call). Writes
 ``serve_bench.json`` (settings, calibration, summaries, every call) and ``serve_bench.png``.
+With ``--cuda-graph`` (CUDA only) the calibration times graph replays and both runners serve from one CUDA graph
+per k, captured when the runner is built.
 """
 import argparse
 import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from ..evaluation.common import (
     round_row,
     write_results,
 )
+from ..evaluation.cuda_graph import GraphCache, heads_forward
 from ..evaluation.environment import device_info
 from .load import CpuLoad, Segment, load_on, load_windows, parse_schedule, total_seconds
 from .runtime import ElasticRunner
@@ -49,6 +53,7 @@ def create_serve_bench_parser() -> argparse.ArgumentParser:
     parser = create_parser(__doc__, data_required=False, default_batch_size=1)
     parser.prog = 'python -m hydravit.deploy serve-bench'
     add_amp_args(parser)
+    throughput.add_serving_args(parser)
     group = parser.add_argument_group('Serving benchmark')
     group.add_argument('--budget-ms', type=float, required=True, metavar='MS', help='latency budget per batch')
     group.add_argument('--duration', type=float, default=None, metavar='SEC',
@@ -91,6 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _check_args(args: argparse.Namespace) -> List[Segment]:
+    throughput.check_serving_args(args)
     if args.budget_ms <= 0:
         raise UsageError(f'--budget-ms must be > 0, got {args.budget_ms:g}')
     try:
@@ -126,7 +132,8 @@ def run_benchmark(session: EvalSession, batch: torch.Tensor, schedule: Sequence[
     _warn_about_budget(calibration, args.budget_ms)
     runs = {}
     for name, run_heads in (('fixed', [max(heads)]), ('elastic', heads)):
-        runner = ElasticRunner(model, args.budget_ms, heads=run_heads, profile=calibration, max_history=None)
+        runner = ElasticRunner(model, args.budget_ms, heads=run_heads, profile=calibration, max_history=None,
+                               forward=forward, cuda_graph=args.cuda_graph, example_input=batch)
         start_k = runner.active_heads
         _stream(runner, batch, args, schedule, name)
         runs[name] = {'start_k': start_k, 'history': [list(entry) for entry in runner.history]}
@@ -139,7 +146,8 @@ def run_benchmark(session: EvalSession, batch: torch.Tensor, schedule: Sequence[
         'device': device_info(args, session.device),
         'settings': {'model': args.model, 'batch_size': batch.shape[0], 'budget_ms': args.budget_ms,
                      'duration_s': args.duration, 'load_schedule': args.load_schedule, 'load_procs': args.load_procs,
-                     'heads': heads, 'checkpoint': args.checkpoint or None},
+                     'heads': heads, 'checkpoint': args.checkpoint or None,
+                     'model_dtype': str(session.model_dtype).replace('torch.', ''), 'cuda_graph': args.cuda_graph},
         'calibration': calibration,
         'summary': summary,
         'overhead': {'runner_us_per_call': overhead_us, 'mean_call_ms': mean_call_ms,
@@ -157,20 +165,30 @@ def _forward(session: EvalSession):
 
 
 def calibrate(session: EvalSession, batch: torch.Tensor, forward) -> List[Row]:
-    """Latency (median, p90) of every k at the stream's batch, without load: the runner's profile."""
+    """Latency (median, p90) of every k at the stream's batch, without load: the runner's profile. With
+    ``--cuda-graph``, of graph replays (each k's graph is captured before it is timed and freed after)."""
     args, model = session.args, session.model
-    print(f'Calibrating {args.model} at batch {batch.shape[0]} on {session.device}: heads {session.heads}',
-          flush=True)
+    print(f'Calibrating {args.model} at batch {batch.shape[0]} on {session.device}: heads {session.heads}'
+          f'{" (CUDA graphs)" if args.cuda_graph else ""}', flush=True)
     rows = []
     with torch.inference_mode():
         for k in session.heads:
             model.set_heads(k)
-            stats = throughput.benchmark_latency(lambda: forward(batch), session.device, warmup=3,
-                                                 budget_s=args.calibration_time)
+            stats = throughput.benchmark_latency(_calibration_call(session, k, batch, forward), session.device,
+                                                 warmup=3, budget_s=args.calibration_time)
             rows.append(round_row({'heads': k, **stats}))
             print(f'  k={k:<3d} latency median {stats["latency_ms_median"]:8.3f} ms  p90 '
                   f'{stats["latency_ms_p90"]:8.3f} ms', flush=True)
     return rows
+
+
+def _calibration_call(session: EvalSession, k: int, batch: torch.Tensor, forward) -> Callable[[], torch.Tensor]:
+    """One call at k: the forward, or the replay of k's CUDA graph (``--cuda-graph``), captured here."""
+    if not session.args.cuda_graph:
+        return lambda: forward(batch)
+    graphs = GraphCache(heads_forward(session.model, forward), session.device)
+    graphs.capture(k, batch)
+    return lambda: graphs(k, batch)
 
 
 def _warn_about_budget(calibration: Sequence[Row], budget_ms: float) -> None:
@@ -186,7 +204,7 @@ def _stream(runner: ElasticRunner, batch: torch.Tensor, args: argparse.Namespace
     print(f'[{name}] {args.duration:g} s, heads {runner.heads}, budget {args.budget_ms:g} ms, load '
           f'{" ".join(args.load_schedule)} with {args.load_procs} processes', flush=True)
     next_log, logged = args.log_every, 0
-    with CpuLoad(schedule, args.load_procs) as load, torch.inference_mode(), autocast(args, batch.device):
+    with CpuLoad(schedule, args.load_procs) as load, torch.inference_mode():  # the runner's forward autocasts
         while (t := runner.clock() - runner.t0) < args.duration:
             load.update(t)
             runner(batch)

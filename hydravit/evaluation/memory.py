@@ -52,13 +52,14 @@ def peak_memory_mb(model: HydraViT, k: int, input_shape: Tuple[int, ...], device
         return _cuda_peak_mb(model, k, input_shape, device)
     with tempfile.TemporaryDirectory() as tmp:
         save_subnetwork(model, k, tmp)
-        return _cpu_peak_mb_subprocess(Path(tmp), input_shape)
+        return _cpu_peak_mb_subprocess(Path(tmp), input_shape, next(model.parameters()).dtype)
 
 
 def _cuda_peak_mb(model: HydraViT, k: int, input_shape: Tuple[int, ...], device: torch.device) -> float:
     vit = export_subnetwork(model, k).to('cpu').eval()
+    dtype = next(vit.parameters()).dtype  # the input follows the model's dtype (--model-dtype)
     with torch.inference_mode():  # CUDA context, cuBLAS workspace and kernels: set up before the baseline
-        vit.to(device)(torch.randn(1, *input_shape[1:], device=device))
+        vit.to(device)(torch.randn(1, *input_shape[1:], device=device, dtype=dtype))
     vit.to('cpu')
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -66,7 +67,7 @@ def _cuda_peak_mb(model: HydraViT, k: int, input_shape: Tuple[int, ...], device:
     base = torch.cuda.memory_allocated(device)
     vit = vit.to(device)
     with torch.inference_mode():
-        vit(torch.randn(*input_shape, device=device))
+        vit(torch.randn(*input_shape, device=device, dtype=dtype))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del vit
@@ -74,10 +75,11 @@ def _cuda_peak_mb(model: HydraViT, k: int, input_shape: Tuple[int, ...], device:
     return peak / 1e6
 
 
-def _cpu_peak_mb_subprocess(subnetwork_dir: Path, input_shape: Tuple[int, ...]) -> float:
+def _cpu_peak_mb_subprocess(subnetwork_dir: Path, input_shape: Tuple[int, ...],
+                            dtype: torch.dtype = torch.float32) -> float:
     # Run as a plain script: the probe imports only torch, timm and safetensors, not this package.
     cmd = [sys.executable, str(Path(__file__).with_name('peak_rss.py')), str(subnetwork_dir),
-           json.dumps(list(input_shape)), str(torch.get_num_threads())]
+           json.dumps(list(input_shape)), str(torch.get_num_threads()), str(dtype).replace('torch.', '')]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f'peak memory probe failed:\n{proc.stderr[-2000:]}')

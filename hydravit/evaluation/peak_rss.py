@@ -1,6 +1,6 @@
 """Peak RSS growth of loading one exported subnetwork and running one forward, in this fresh process.
 
-    python peak_rss.py SUBNETWORK_DIR INPUT_SHAPE_JSON NUM_THREADS   # prints MB
+    python peak_rss.py SUBNETWORK_DIR INPUT_SHAPE_JSON NUM_THREADS [DTYPE]   # prints MB (DTYPE: float32)
 
 Run as a script by ``memory.py``: it imports torch, timm and safetensors only.
 
@@ -47,9 +47,11 @@ def _warm_up(model_args: dict, num_classes: int, input_shape: Tuple[int, ...]) -
         VisionTransformer(**tiny_args, num_classes=num_classes).eval()(torch.zeros(1, *input_shape[1:]))
 
 
-def peak_rss_growth_mb(subnetwork_dir: Path, input_shape: Tuple[int, ...]) -> float:
+def peak_rss_growth_mb(subnetwork_dir: Path, input_shape: Tuple[int, ...],
+                       dtype: torch.dtype = torch.float32) -> float:
+    """MB of RSS growth; ``dtype``: the input's, that of the saved weights (``--model-dtype``)."""
     config = json.loads((subnetwork_dir / 'config.json').read_text())
-    x = torch.randn(*input_shape)
+    x = torch.randn(*input_shape, dtype=dtype)
     _warm_up(config['model_args'], config['num_classes'], input_shape)
     precise = _reset_peak_rss()
     base = _proc_status_mb('VmRSS') if precise else _maxrss_mb()
@@ -63,4 +65,5 @@ def peak_rss_growth_mb(subnetwork_dir: Path, input_shape: Tuple[int, ...]) -> fl
 
 if __name__ == '__main__':
     torch.set_num_threads(int(sys.argv[3]))
-    print(peak_rss_growth_mb(Path(sys.argv[1]), tuple(json.loads(sys.argv[2]))))
+    dtype = getattr(torch, sys.argv[4]) if len(sys.argv) > 4 else torch.float32
+    print(peak_rss_growth_mb(Path(sys.argv[1]), tuple(json.loads(sys.argv[2])), dtype))

@@ -1,8 +1,11 @@
 """Batch-1 latency and batch-B throughput per head count.
 
-Timing excludes warm-up (and, with ``--compile``, compilation), runs under ``torch.inference_mode``
-and is synchronized with the device: CUDA events on GPU, ``time.perf_counter`` on CPU. Each
-measurement runs a fixed number of iterations, or for a time budget with ``--bench-time``.
+Timing excludes warm-up (and, with ``--compile``, compilation; with ``--cuda-graph``, the capture), runs under
+``torch.inference_mode`` and is synchronized with the device: CUDA events on GPU, ``time.perf_counter`` on CPU.
+Each measurement runs a fixed number of iterations, or for a time budget with ``--bench-time``.
+``--model-dtype`` casts the model once (and every input with it) instead of autocasting each call;
+``--cuda-graph`` times replays of one CUDA graph per head count and batch size (``cuda_graph.GraphCache``; a
+replay includes copying the batch into the graph's input buffer and cloning its output).
 ``time_call`` and ``benchmark_latency`` are the timing primitives of the whole package (the deploy
 tools and the elastic runtime time with them too).
 """
@@ -21,12 +24,15 @@ from .common import (
     Tool,
     UsageError,
     add_amp_args,
+    add_precision_args,
     autocast,
     create_eval_dataset,
     create_eval_loader,
     format_row,
+    resolve_device,
     run_tool,
 )
+from .cuda_graph import GraphCache
 
 KEYS = ('heads', 'batch_size', 'latency_ms_median', 'latency_ms_p90', 'throughput')
 
@@ -86,6 +92,8 @@ def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
         with torch.inference_mode(), autocast(args, device):
             return runner(x)
 
+    if getattr(args, 'cuda_graph', False):
+        forward = _graphed(forward, device, (single, batch))
     bench = dict(device=device, warmup=args.num_warm_iter, iters=args.num_bench_iter, budget_s=args.bench_time)
     latency = benchmark_latency(lambda: forward(single), **bench)
     batch_times = time_calls(lambda: forward(batch), **bench)
@@ -95,6 +103,16 @@ def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
         **latency,
         'throughput': batch.shape[0] * len(batch_times) / (sum(batch_times) / 1e3),
     }
+
+
+def _graphed(forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+             examples: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` replayed from one CUDA graph per batch size of ``examples``, all captured before any timing (the
+    graphs are freed with the returned function)."""
+    graphs = GraphCache(lambda _, x: forward(x), device)
+    for x in examples:
+        graphs.capture(x.shape[0], x)
+    return lambda x: graphs(x.shape[0], x)
 
 
 def _runner(session: EvalSession, k: int) -> torch.nn.Module:
@@ -112,17 +130,19 @@ def input_batch(session: EvalSession) -> torch.Tensor:
     """First batch of DATA (repeated to fill the batch size) if given, else random of the model's input size."""
     batch_size = session.args.batch_size
     if session.args.data is None:
-        return torch.randn(batch_size, *session.input_size, device=session.device)
+        return session.prepare_input(torch.randn(batch_size, *session.input_size))
     images, _ = next(iter(create_eval_loader(session, create_eval_dataset(session))))
     repeats = -(-batch_size // images.shape[0])
-    return images.repeat(repeats, 1, 1, 1)[:batch_size].to(session.device)
+    return session.prepare_input(images.repeat(repeats, 1, 1, 1)[:batch_size])
 
 
 def measure(session: EvalSession) -> List[Row]:
     batch = input_batch(session)
     args = session.args
     print(f'Benchmarking {args.model} on {session.device} (batch {args.batch_size}, '
-          f'amp {args.amp_dtype if args.amp else "off"}, compile {"on" if args.compile else "off"}), '
+          f'amp {args.amp_dtype if args.amp else "off"}, model dtype {str(session.model_dtype)[6:]}, '
+          f'compile {"on" if args.compile else "off"}, '
+          f'CUDA graphs {"on" if getattr(args, "cuda_graph", False) else "off"}), '
           f'heads {session.heads}', flush=True)
     rows = []
     for k in session.heads:
@@ -144,7 +164,39 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help='time the exported plain timm ViT of each k instead of the sliced HydraViT')
 
 
+def add_serving_args(parser: argparse.ArgumentParser) -> None:
+    """``--model-dtype`` / ``--channels-last`` (the evaluation core's, as in timm's validate.py) and
+    ``--cuda-graph``: how a model is served at small batches. The tools that take them: validate_throughput.py and
+    the deploy tools."""
+    add_precision_args(parser)
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='CUDA only: time (or serve) replays of one CUDA graph per head count, captured before '
+                             'any timing (see docs/evaluation.md); not with --compile')
+
+
+def add_tool_args(parser: argparse.ArgumentParser) -> None:
+    """validate_throughput.py's flags: the benchmark's and the serving ones."""
+    add_args(parser)
+    add_serving_args(parser)
+
+
+def check_serving_args(args: argparse.Namespace) -> None:
+    """``--cuda-graph`` needs a CUDA device (``--device``, or the default one) and excludes ``--compile``; raises
+    ``UsageError`` naming the flag, before any model is built."""
+    if not getattr(args, 'cuda_graph', False):
+        return
+    if getattr(args, 'compile', False):
+        raise UsageError('--cuda-graph: cannot be combined with --compile (each replaces the eager forward; '
+                         'choose one)')
+    device = resolve_device(args.device)
+    if device.type != 'cuda':
+        raise UsageError(f'--cuda-graph: CUDA graphs need a CUDA device, got {device}'
+                         + ('' if args.device else ' (no GPU is available)'))
+
+
 def check_args(args: argparse.Namespace) -> None:
+    """The benchmark and serving flags; ``UsageError`` naming the flag."""
+    check_serving_args(args)
     if args.num_warm_iter < 0:
         raise UsageError(f'--num-warm-iter must be >= 0, got {args.num_warm_iter}')
     if args.num_bench_iter < 1:
@@ -161,7 +213,7 @@ TOOL = Tool(
     keys=KEYS,
     data_required=False,
     default_batch_size=256,
-    add_args=add_args,
+    add_args=add_tool_args,
     measure=measure,
     check_args=check_args,
 )

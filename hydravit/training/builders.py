@@ -13,12 +13,13 @@ import torch.nn as nn
 from timm import utils
 from timm.layers import set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import VisionTransformer
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import model as _model  # noqa: F401  registers the hydravit models with timm
-from ..checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file
+from ..checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file, resample_pos_embed
 from ..cli import resolve_heads
-from ..export import leading_slice
+from ..export import leading_slice, subnetwork_vit_args
 from .config import ConfigError
 from .data import mixup_args
 
@@ -74,28 +75,38 @@ def _split_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, sou
 
 def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool) -> None:
     """Full-size weights strictly (classifier excepted), or with ``init_slices`` a narrower ViT into the leading
-    slices of every tensor (same head_dim: e.g. DeiT-Tiny, 3 heads x 64, into hydravit_dyn_patch16_224)."""
+    slices of every tensor (same head_dim: e.g. DeiT-Tiny, 3 heads x 64, into hydravit_dyn_patch16_224).
+
+    A checkpoint trained at another resolution has its position embedding resampled to the model's patch grid
+    (one log line says so), as timm does for pretrained ViTs; rows are never copied between grids.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f'--initial-checkpoint: file not found: {path}')
     try:
         state_dict = extract_state_dict(load_checkpoint_file(path), source=path)
+        state_dict, resampled = resample_pos_embed(model, state_dict, source=path)
     except (ValueError, KeyError) as e:
         raise ConfigError(f'--initial-checkpoint: {e}') from e
     state_dict = _split_classifier(state_dict, model, path)
-    expected = model.state_dict()
-    if not init_slices:
-        kept = dict(state_dict)
-        for n in expected:  # a dropped classifier keeps its fresh init
-            if n.startswith('head.') and n not in kept:
-                kept[n] = expected[n]
-        try:
-            check_state_dict_matches(model, kept, source=path)
-        except ValueError as e:
-            raise ConfigError(f'--initial-checkpoint: {e}\n(for a narrower ViT such as DeiT-Tiny add --init-slices)'
-                              ) from e
-        model.load_state_dict(kept, strict=True)
-        return
-    _load_leading_slices(model, state_dict, path)
+    if init_slices:
+        _load_leading_slices(model, state_dict, path)
+    else:
+        _load_full_size(model, state_dict, path)
+    if resampled:
+        _logger.info(resampled)
+
+
+def _load_full_size(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    kept = dict(state_dict)
+    for n, fresh in model.state_dict().items():  # a dropped classifier keeps its fresh init
+        if n.startswith('head.') and n not in kept:
+            kept[n] = fresh
+    try:
+        check_state_dict_matches(model, kept, source=path)
+    except ValueError as e:
+        raise ConfigError(f'--initial-checkpoint: {e}\n(for a narrower ViT such as DeiT-Tiny add --init-slices)'
+                          ) from e
+    model.load_state_dict(kept, strict=True)
 
 
 def _load_leading_slices(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
@@ -105,18 +116,33 @@ def _load_leading_slices(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     if missing or unexpected:
         raise ConfigError(f'--initial-checkpoint: {path} is not a ViT of this layout; '
                           f'missing {missing[:8]}, unexpected {unexpected[:8]}')
-    width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
-    if width is not None and width % model.head_dim:
+    width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else state_dict['pos_embed'].shape[-1]
+    if width % model.head_dim or not 0 < width <= model.embed_dim:
         raise ConfigError(f'--init-slices: embed dim {width} of {path} is not a multiple of head_dim '
-                          f'{model.head_dim}')
+                          f'{model.head_dim} up to {model.embed_dim}')
+    _check_subnetwork_shapes(model, state_dict, width // model.head_dim, path)
     with torch.no_grad():
         for name, small in state_dict.items():
-            try:
-                target = leading_slice(name, expected[name], small.shape)
-            except ValueError as e:
-                raise ConfigError(f'--init-slices: {e}') from e
+            target = leading_slice(name, expected[name], small.shape)
             target.copy_(small.reshape(target.shape))
-    _logger.info(f'Initialized the leading {width} channels ({(width or 0) // model.head_dim} heads) from {path}')
+    # state_dict() hands out copies of the head-major qkv tensors (hydravit.layers), so write them back.
+    model.load_state_dict(expected)
+    _logger.info(f'Initialized the leading {width} channels ({width // model.head_dim} heads) from {path}')
+
+
+def _check_subnetwork_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor], k: int, path: str) -> None:
+    """Every tensor must have exactly the shape of the model's k-head subnetwork: only the width may be narrower
+    (a different depth, patch grid or MLP ratio would land rows in the wrong places)."""
+    try:
+        shapes = {n: tuple(t.shape) for n, t in
+                  VisionTransformer(**subnetwork_vit_args(model, k), device='meta').state_dict().items()}
+    except ValueError as e:
+        raise ConfigError(f'--init-slices: {e}') from e
+    bad = [f'{n}: checkpoint {tuple(t.shape)} vs {k}-head subnetwork {shapes.get(n)}'
+           for n, t in state_dict.items() if not n.startswith('head.classifiers.') and shapes.get(n) != tuple(t.shape)]
+    if bad:
+        raise ConfigError(f'--init-slices: {path} is not shaped like the {k}-head subnetwork: '
+                          + ', '.join(bad[:4]) + (f', ... ({len(bad)} in all)' if len(bad) > 4 else ''))
 
 
 def resolve_lr(args: argparse.Namespace) -> None:
@@ -191,8 +217,10 @@ def setup_device(args: argparse.Namespace) -> torch.device:
 def create_model_ema(args: argparse.Namespace, model: nn.Module) -> Optional[utils.ModelEmaV3]:
     if not args.model_ema:
         return None
+    # An EMA over parameters(): timm's default lerps state_dict() values in place, and HydraViT's state_dict()
+    # holds copies of the qkv tensors (timm's layout; stored head-major), so that EMA would never move them.
     return utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                            device='cpu' if args.model_ema_force_cpu else None)
+                            device='cpu' if args.model_ema_force_cpu else None, exclude_buffers=True)
 
 
 def wrap_ddp(args: argparse.Namespace, model: nn.Module, device: torch.device) -> nn.Module:

@@ -7,6 +7,7 @@ ModelEmaV3, CheckpointSaver, losses); argument names follow timm's ``train.py``.
 See docs/training.md.
 """
 import argparse
+import csv
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..evaluation.accuracy import evaluate_heads
+from ..layers import timm_layout_optimizer_state
 from .builders import (
     check_dataset_classes,
     check_device,
@@ -39,21 +41,9 @@ from .builders import (
     setup_device,
     wrap_ddp,
 )
-from .checkpointing import (
-    AtomicCheckpointSaver,
-    gather_rng_states,
-    load_nested_states,
-    load_resume_checkpoint,
-    load_resume_weights,
-    plain_state,
-    restore_rng,
-    restore_training_state,
-    resume_position,
-    rng_state,
-    set_rng_state,
-)
+from .checkpointing import CheckpointFiles, TrainingState, gather_rng_states, rng_state, set_rng_state
 from .config import PROG, ConfigError, check_eval_metric, is_check_only, parse_args
-from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after
+from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after, train_class_names
 from .objective import StepLosses, StepObjective, no_sync_unless
 from .report import EpochMeters, format_final_table, format_seconds, format_table, heads_metrics, summary_keys
 from .sampler import HeadSampler
@@ -69,45 +59,31 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """State shared by the epoch and validation loops. What a step computes is ``objective``'s business."""
 
-    def __init__(self, args, model, model_ema, optimizer, loss_scaler, lr_scheduler, objective: StepObjective,
-                 amp_autocast, device, heads, num_epochs):
+    def __init__(self, args, model, state: TrainingState, objective: StepObjective, amp_autocast, device,
+                 num_epochs):
         self.args = args
+        self.state = state  # what checkpoints hold: saved and restored there, and only there
         self.model = model  # possibly DDP-wrapped and/or compiled
-        self.module = utils.unwrap_model(model)  # the HydraViT itself: validation, EMA updates
-        self.model_ema = model_ema
-        self.optimizer = optimizer
-        self.loss_scaler = loss_scaler
-        self.lr_scheduler = lr_scheduler
+        self.module = state.model  # the HydraViT itself: validation, EMA updates
+        self.model_ema = state.model_ema
+        self.optimizer = state.optimizer
+        self.loss_scaler = state.loss_scaler
+        self.lr_scheduler = state.lr_scheduler
         self.objective = objective
         self.sampler = objective.sampler
-        self.saver = None  # set on the primary rank by create_output
         self.amp_autocast = amp_autocast
         self.device = device
-        self.heads = heads
+        self.heads = state.heads
         self.num_epochs = num_epochs
         self.run_start = time.time()
         self.epoch_rng: Optional[List[dict]] = None  # every rank's RNG states at the start of this epoch
         self.step_time = utils.AverageMeter()  # seconds per optimizer step of the last epoch
         # head counts torch.compile has a graph for (None: eager): a step with a new one compiles first
         self.compiled_heads: Optional[set] = set() if args.torchcompile else None
-        self.position: dict = {}  # RNG states (and mid-epoch position) of the checkpoint being written
-
-    def checkpoint_state(self) -> dict:
-        """What a checkpoint holds beyond model/EMA/optimizer/scaler: enough for an exact resume."""
-        return {
-            'heads': list(self.heads),
-            'sampler': self.sampler.state_dict(),
-            'scheduler': plain_state(self.lr_scheduler.state_dict()) if self.lr_scheduler else None,
-            'world_size': self.args.world_size,
-            **self.position,
-        }
 
     def save_checkpoint(self, epoch: int, metric: Optional[float]):
         """End-of-epoch checkpoint (a collective in DDP). Returns (best_metric, best_epoch)."""
-        self.position = {'rng_state': gather_rng_states(self.args)}
-        if self.saver is None:
-            return None, None
-        return self.saver.save_checkpoint(epoch, metric=metric)
+        return self.state.save_epoch(epoch, metric)
 
     def _check_finite(self, losses: StepLosses, epoch: int, update_idx: int) -> None:
         bad = (~torch.isfinite(losses.total)).float()
@@ -229,10 +205,7 @@ class Trainer:
 
     def save_recovery(self, epoch: int, updates_done: int) -> None:
         """Mid-epoch checkpoint (a collective in DDP); resuming from it replays the epoch's data order."""
-        self.position = {'rng_state': gather_rng_states(self.args), 'epoch_rng_state': self.epoch_rng,
-                         'updates_done': updates_done}
-        if self.saver is not None:
-            self.saver.save_recovery(epoch, batch_idx=updates_done - 1)
+        self.state.save_recovery(epoch, updates_done, self.epoch_rng)
 
     # --- validation ---------------------------------------------------------------------------------------
     def validate_heads(self, model: nn.Module, loader, label: str) -> Dict[str, float]:
@@ -288,42 +261,44 @@ def train(args: argparse.Namespace, args_text: str) -> int:
             net.to(device=device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     resolve_lr(args)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    timm_layout_optimizer_state(optimizer, model)  # checkpoints hold qkv state in timm's layout, as the model's
     amp_autocast, loss_scaler = create_amp(args, device)
     model_ema = create_model_ema(args, model)
-    if resume_ckpt is not None:
-        restore_training_state(args, resume_ckpt, optimizer, loss_scaler, model_ema, sampler)
+    module = model
     model = compile_model(args, wrap_ddp(args, model, device), len(heads))
 
     # data
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset_train, dataset_val = create_datasets(args, input_img_mode)
     check_dataset_classes(args, dataset_train)
+    class_names = train_class_names(dataset_train)
+    check_resume_classes(args, resume_ckpt, class_names)
     loader_train, loader_val, mixup_fn = create_loaders(args, dataset_train, dataset_val, data_config, device)
     objective = create_objective(args, sampler, create_train_loss(args, device), teacher)
     eval_metric = args.eval_metric if loader_val is not None else 'loss'
     decreasing = eval_metric.startswith('loss')
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs, start_epoch, skip_updates = create_schedule(args, optimizer, updates_per_epoch,
-                                                                          resume_ckpt, decreasing)
-    trainer = Trainer(args, model, model_ema, optimizer, loss_scaler, lr_scheduler, objective, amp_autocast,
-                      device, heads, num_epochs)
-    output_dir = None
-    if primary:  # the first file written by the run
-        output_dir = create_output(args, args_text, data_config, trainer, resume_ckpt, decreasing, start_epoch)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
+    state = TrainingState(args, module, optimizer, model_ema, loss_scaler, lr_scheduler, sampler, heads, class_names)
+    trainer = Trainer(args, model, state, objective, amp_autocast, device, num_epochs)
+    output_dir = create_output(args, args_text, data_config, state, decreasing) if primary else None
+    point = state.resume(resume_ckpt, updates_per_epoch)  # last: it sets the RNGs training starts from
+    if primary:
+        trim_summary(os.path.join(output_dir, 'summary.csv'), point.start_epoch)
         _logger.info(f'Output: {output_dir}; {num_epochs} epochs of {updates_per_epoch} optimizer steps '
                      f'(batch {args.batch_size} x {args.world_size} processes x {args.grad_accum_steps} accum)')
-    resume_rng = restore_rng(args, resume_ckpt, skip_updates)
     validate_ema = model_ema is not None and not args.model_ema_force_cpu
-    return run_epochs(trainer, args, loader_train, loader_val, dataset_train, mixup_fn, start_epoch, skip_updates,
-                      resume_rng, output_dir, eval_metric, validate_ema)
+    return run_epochs(trainer, args, loader_train, loader_val, dataset_train, mixup_fn, point.start_epoch,
+                      point.skip_updates, point.resume_rng, output_dir, eval_metric, validate_ema)
 
 
 def prepare_run(args: argparse.Namespace):
     """Every check that needs no data: (resume checkpoint, model with initial weights, heads, sampler, teacher)."""
     args.data_dir = args.data_dir or args.data
     check_device(args)
-    resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
+    resume_ckpt = TrainingState.read(args.resume) if args.resume else None
     utils.random_seed(args.seed, 0)  # same initial weights on every rank and every run with this --seed
     model = create_train_model(args)
     if args.num_classes is None:
@@ -342,8 +317,18 @@ def prepare_run(args: argparse.Namespace):
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint, args.init_slices)
     if resume_ckpt is not None:
-        load_resume_weights(model, resume_ckpt, args.resume)
+        TrainingState.load_model_weights(model, resume_ckpt, args.resume)
     return resume_ckpt, model, heads, sampler, teacher
+
+
+def check_resume_classes(args: argparse.Namespace, resume_ckpt: Optional[dict],
+                         class_names: Optional[List[str]]) -> None:
+    """A resumed run must train the classes its checkpoint was trained on, in the same label order."""
+    saved = (resume_ckpt or {}).get('class_names')
+    if saved and class_names and list(saved) != list(class_names):
+        differ = sorted(set(saved) ^ set(class_names)) or ['same names, other order']
+        raise ConfigError(f'--resume: the checkpoint was trained on other classes than {args.data_dir} holds '
+                          f'(differ: {", ".join(map(str, differ[:8]))})')
 
 
 def create_objective(args: argparse.Namespace, sampler: HeadSampler, base_loss: nn.Module,
@@ -355,42 +340,33 @@ def create_objective(args: argparse.Namespace, sampler: HeadSampler, base_loss: 
         teacher_kd=args.teacher_kd, full_warmup_epochs=args.full_warmup_epochs)
 
 
-def create_schedule(args, optimizer, updates_per_epoch: int, resume_ckpt: Optional[dict], decreasing: bool):
-    """(lr scheduler, number of epochs, start epoch, optimizer steps of it already done), positioned for a resume."""
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
-    start_epoch, skip_updates = 0, 0
-    if resume_ckpt is not None:
-        start_epoch, skip_updates = resume_position(resume_ckpt)
-        if resume_ckpt.get('scheduler') and not args.no_resume_opt:
-            load_nested_states(lr_scheduler, resume_ckpt['scheduler'])
-    if args.start_epoch is not None:
-        start_epoch, skip_updates = args.start_epoch, 0
-    if start_epoch > 0 or skip_updates:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch + skip_updates)
-        else:
-            lr_scheduler.step(start_epoch)
-    return lr_scheduler, num_epochs, start_epoch, skip_updates
-
-
-def create_output(args, args_text: str, data_config, trainer: 'Trainer', resume_ckpt, decreasing: bool,
-                  start_epoch: int) -> str:
-    """Run folder, args.yaml and the checkpoint saver (rank 0)."""
+def create_output(args, args_text: str, data_config, state: TrainingState, decreasing: bool) -> str:
+    """Run folder, args.yaml, class_map.txt and the checkpoint files (rank 0)."""
     exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
                                              safe_model_name(args.model), str(data_config['input_size'][-1])])
     output_dir = utils.get_outdir(args.output or './output/train', exp_name)
-    trainer.saver = AtomicCheckpointSaver(
-        model=trainer.model, optimizer=trainer.optimizer, args=args, model_ema=trainer.model_ema,
-        amp_scaler=trainer.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
-        max_history=args.checkpoint_hist, extra_state=trainer.checkpoint_state)
-    if resume_ckpt is not None and resume_ckpt.get('saver') and \
-            os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
-        trainer.saver.load_state_dict(resume_ckpt['saver'])  # keep ranking checkpoints of the same run
+    state.files = CheckpointFiles(output_dir, decreasing=decreasing, max_history=args.checkpoint_hist)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         f.write(args_text)
-    utils.trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+    if state.class_names:  # timm's class-map format: line i names label i (validate.py --class-map)
+        with open(os.path.join(output_dir, 'class_map.txt'), 'w', encoding='utf-8') as f:
+            f.write(''.join(f'{name}\n' for name in state.class_names))
     return output_dir
+
+
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop summary.csv rows of epochs at or after ``start_epoch``: a resumed run writes them again (and a fresh run
+    into an old folder starts a new file)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    keep = [row for row in rows[1:] if row and int(float(row[0])) < start_epoch]
+    if len(keep) == len(rows) - 1:
+        return
+    with open(path, 'w', newline='') as f:
+        if keep:
+            csv.writer(f).writerows([rows[0], *keep])
 
 
 def run_epochs(trainer: Trainer, args, loader_train, loader_val, dataset_train, mixup_fn, start_epoch: int,
@@ -429,8 +405,10 @@ def run_epochs(trainer: Trainer, args, loader_train, loader_val, dataset_train, 
             if output_dir is not None:
                 lrs = [g['lr'] for g in trainer.optimizer.param_groups]
                 row = eval_metrics if eval_metrics is not None else {key: '' for key in keys}
-                utils.update_summary(epoch, train_metrics, row, filename=os.path.join(output_dir, 'summary.csv'),
-                                     lr=sum(lrs) / len(lrs))
+                summary = os.path.join(output_dir, 'summary.csv')
+                # said explicitly: timm < 1.0.31 writes no header unless told to
+                utils.update_summary(epoch, train_metrics, row, filename=summary, lr=sum(lrs) / len(lrs),
+                                     write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)
             best_metric, best_epoch = trainer.save_checkpoint(epoch, latest_metric)
             if trainer.lr_scheduler is not None:
                 trainer.lr_scheduler.step(epoch + 1, latest_metric)
