@@ -15,7 +15,12 @@ over seeds, model and EMA), REPORT/comparison.png (top-1 against k per recipe, w
 
 Compute: a recipe's cost is counted in subnetwork forward/backward passes (optimizer steps x subnetworks per
 step), read from the run's own head-sampler counts. Multi-subnetwork recipes at equal compute train for
-proportionally fewer epochs (``equal compute`` rows); ``equal epochs`` rows spend N times the compute.
+proportionally fewer epochs (``equal compute`` rows); ``equal epochs`` rows spend N times the compute. Since a
+k = 3 pass costs about a tenth of a k = 12 pass, the report also gives training GMACs: per pass, the subnetwork's
+forward GMACs per image (the evaluation core's DeepSpeed count) x images x 3 (forward + backward), summed over the
+run's passes per k, plus a teacher's forwards (x 1). Rows recorded before the per-k counts were kept get the
+expected value from their sampler's distribution. A converted entry (``hydravit.convert`` of the dedicated 12-head
+run of the same seed, then a fine-tune) also counts its source's training and the conversion's calibration passes.
 """
 import argparse
 import csv
@@ -35,6 +40,7 @@ from typing import List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 CONFIG = 'configs/digits.yaml'
+MODEL = 'hydravit_dyn_patch4_32'
 HEADS = list(range(3, 13))
 UNIFORM = ['--weights'] + ['1'] * len(HEADS)
 BASE_EPOCHS = 40  # configs/digits.yaml
@@ -48,6 +54,12 @@ class Recipe:
     epochs: int = BASE_EPOCHS
     dedicated: Optional[int] = None  # a separately trained ViT of exactly this many heads
     teacher: bool = False  # distils from the dedicated 12-head ViT of the same seed
+    source: bool = False  # starts from the dedicated 12-head ViT of the same seed (its EMA weights)
+    convert: Optional[List[str]] = None  # hydravit.convert flags; a source recipe without them keeps its order
+
+    @property
+    def needs_k12(self) -> bool:
+        return self.teacher or self.source
 
     def train_flags(self) -> List[str]:
         flags = list(self.flags) + ['--epochs', str(self.epochs), '--eval-interval', str(self.epochs)]
@@ -58,6 +70,9 @@ class Recipe:
 
 
 SANDWICH = ['--subnets-per-step', '4', '--subnet-policy', 'sandwich'] + UNIFORM
+CONVERT = ['--score', 'magnitude', '--calib-images', '256']  # zero-shot best on seed 0 (docs/training.md)
+FINE_TUNE_EPOCHS = (5, 10, 20)
+BATCH_SIZE = 16  # configs/digits.yaml: images per subnetwork pass
 RECIPES = {r.name: r for r in [
     Recipe('dedicated_k12', 'separately trained ViT, 12 heads (the teacher of *_teacher)', dedicated=12),
     Recipe('paper_uniform', 'paper: one k per step, uniform', UNIFORM),
@@ -73,8 +88,14 @@ RECIPES = {r.name: r for r in [
     Recipe('sandwich_e40', 'sandwich, 4 per step, equal epochs (4x compute)', SANDWICH, epochs=BASE_EPOCHS),
     Recipe('sandwich_ikd_e40', 'sandwich + in-place KD, 4 per step, equal epochs (4x compute)',
            SANDWICH + ['--inplace-kd'], epochs=BASE_EPOCHS),
+    Recipe('convert_ft0', 'dedicated 12-head ViT converted (magnitude order), no fine-tuning', epochs=0,
+           source=True, convert=CONVERT),
+    *(Recipe(f'convert_ft{e}', f'converted (magnitude order), then sandwich of 4 for {e} epochs', SANDWICH, epochs=e,
+             source=True, convert=CONVERT) for e in FINE_TUNE_EPOCHS),
+    Recipe('source_ft10', 'dedicated 12-head ViT in its own order, sandwich of 4 for 10 epochs (ablation)', SANDWICH,
+           epochs=10, source=True),
 ]}
-DEFAULT_RECIPES = [name for name in RECIPES if not name.endswith('_e40')]
+DEFAULT_RECIPES = [name for name, r in RECIPES.items() if not name.endswith('_e40') and not r.source]
 
 
 def run_dir(runs: Path, recipe: str, seed: int) -> Path:
@@ -90,8 +111,11 @@ def command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
     cmd = [sys.executable, '-m', 'hydravit.train', str(data), '--config', CONFIG, '--device', 'cpu',
            '--seed', str(seed), '--output', str(out.parent), '--experiment', out.name, '--checkpoint-hist', '1',
            *recipe.train_flags()]
+    if recipe.source:
+        start = out / 'converted.pth' if recipe.convert is not None else teacher_file(runs, seed)
+        cmd += ['--initial-checkpoint', str(start)]
     if recipe.teacher:
-        cmd += ['--teacher', 'hydravit_dyn_patch4_32', '--teacher-checkpoint', str(teacher_file(runs, seed)),
+        cmd += ['--teacher', MODEL, '--teacher-checkpoint', str(teacher_file(runs, seed)),
                 '--teacher-kwargs', 'num_classes=10', '--teacher-heads', '12']
     if (out / 'last.pth.tar').is_file() and not (out / 'result.json').is_file():
         cmd += ['--resume', str(out / 'last.pth.tar')]  # continue a run that stopped part-way
@@ -105,24 +129,59 @@ def run_one(recipe: Recipe, seed: int, data: Path, runs: Path, threads: int) -> 
         for path in out.iterdir():
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    while recipe.teacher and not teacher_file(runs, seed).is_file():
+    while recipe.needs_k12 and not teacher_file(runs, seed).is_file():
         time.sleep(10)  # the dedicated 12-head run of this seed, started earlier, is still training
-    cmd = command(recipe, seed, data, runs)
+    wall = cpu = 0.
+    if recipe.convert is not None and not (out / 'converted.pth').is_file():
+        wall, cpu = run_logged(convert_command(recipe, seed, data, runs), out / 'train.log', threads, recipe, seed)
+    cmd = command(recipe, seed, data, runs) if recipe.epochs else validate_command(out, data)
     print(f'[compare] start {recipe.name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR='cpu')
-    start = time.time()
-    with open(out / 'train.log', 'a') as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, even with runs side by side
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        raise RuntimeError(f'[compare] {recipe.name} seed {seed} failed (exit {rc}); see {out / "train.log"}')
-    cpu = usage.ru_utime + usage.ru_stime
-    row = collect_result(recipe, seed, out, time.time() - start, cpu)
+    more_wall, more_cpu = run_logged(cmd, out / 'train.log', threads, recipe, seed)
+    if recipe.epochs:
+        row = collect_result(recipe, seed, out, wall + more_wall, cpu + more_cpu)
+    else:
+        row = collect_validation(recipe, seed, out, wall + more_wall, cpu + more_cpu)
     row['threads'] = threads
     row['resumed'] = int('--resume' in cmd)  # its times cover the last part only
     (out / 'result.json').write_text(json.dumps(row, indent=1))
     tidy_run(recipe, out, runs, seed)
+    return row
+
+
+def run_logged(cmd: List[str], log_path: Path, threads: int, recipe: Recipe, seed: int) -> tuple:
+    """Run ``cmd`` with its output appended to ``log_path``; ``(wall, CPU)`` seconds of that child alone."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR='cpu')
+    start = time.time()
+    with open(log_path, 'a') as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, even with runs side by side
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f'[compare] {recipe.name} seed {seed} failed (exit {rc}); see {log_path}')
+    return time.time() - start, usage.ru_utime + usage.ru_stime
+
+
+def convert_command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
+    """hydravit.convert of the dedicated 12-head run's EMA weights of this seed, calibrated on its train split."""
+    return [sys.executable, '-m', 'hydravit.convert', str(data), '--model', MODEL, '--checkpoint',
+            str(teacher_file(runs, seed)), '--num-classes', '10', '--seed', str(seed),
+            '-o', str(run_dir(runs, recipe.name, seed) / 'converted.pth'), *recipe.convert]
+
+
+def validate_command(out: Path, data: Path) -> List[str]:
+    """A 0-epoch entry: the converted checkpoint validated at every k (what it gives without training)."""
+    return [sys.executable, 'validate.py', str(data), '--model', MODEL, '--checkpoint', str(out / 'converted.pth'),
+            '--num-classes', '10', '--heads', *map(str, HEADS), '-b', '150', '--workers', '0',
+            '--results-file', str(out / 'validate.json')]
+
+
+def collect_validation(recipe: Recipe, seed: int, out: Path, wall_s: float, cpu_s: float) -> dict:
+    rows = json.loads((out / 'validate.json').read_text())  # validate.py: a list of per-k objects
+    row = {'recipe': recipe.name, 'seed': seed, 'epochs': 0, 'subnet_passes': 0, 'passes_per_k': '',
+           'wall_s': round(wall_s, 1), 'cpu_s': round(cpu_s, 1), 'train_s': 0.0, 'commit': git_commit()}
+    for r in rows:
+        row[f'top1_k{int(r["heads"])}'] = round(float(r['top1']), 3)
+        row[f'ema_top1_k{int(r["heads"])}'] = round(float(r['top1']), 3)  # one set of weights: no EMA
     return row
 
 
@@ -135,7 +194,9 @@ def collect_result(recipe: Recipe, seed: int, out: Path, wall_s: float, cpu_s: f
     checkpoint = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)
     passes = int(sum(checkpoint['sampler']['counts']))
     heads = [recipe.dedicated] if recipe.dedicated is not None else HEADS
+    per_k = ' '.join(f'{k}:{n}' for k, n in zip(heads, checkpoint['sampler']['counts'], strict=True))
     row = {'recipe': recipe.name, 'seed': seed, 'epochs': recipe.epochs, 'subnet_passes': passes,
+           'passes_per_k': per_k,
            'teacher_forwards': int(checkpoint['epoch'] + 1) * steps_per_epoch(out) if recipe.teacher else 0,
            'wall_s': round(wall_s, 1), 'cpu_s': round(cpu_s, 1), 'train_s': training_seconds(out / 'train.log'),
            'commit': git_commit()}
@@ -182,6 +243,58 @@ def git_commit() -> str:
         return ''
 
 
+# --- compute in GMACs -----------------------------------------------------------------------------------------
+_GMACS: dict = {}
+
+
+def forward_gmacs() -> dict:
+    """Forward GMACs per image of every k of the digits model (the evaluation core's DeepSpeed count)."""
+    if not _GMACS:
+        import timm
+
+        import hydravit  # noqa: F401  registers the models
+        from hydravit.evaluation.macs import profile_heads
+        model = timm.create_model(MODEL, num_classes=10).eval()
+        _GMACS.update({k: profile_heads(model, k, (3, 32, 32))['gmacs'] for k in HEADS})
+    return _GMACS
+
+
+def expected_per_pass(recipe: Recipe, gmacs: dict) -> float:
+    """Mean forward GMACs per image of one pass under the recipe's sampler (for rows without per-k counts)."""
+    if recipe.dedicated is not None:
+        return gmacs[recipe.dedicated]
+    if '--subnets-per-step' in recipe.flags:  # sandwich of 4, uniform: 12 and 3 every step, 2 of the 8 others
+        middle = [gmacs[k] for k in HEADS[1:-1]]
+        return (gmacs[HEADS[-1]] + gmacs[HEADS[0]] + 2 * statistics.mean(middle)) / 4
+    weights = [1] * len(HEADS) if '--weights' in recipe.flags else HEADS  # configs/digits.yaml: weights = k
+    return sum(w * gmacs[k] for w, k in zip(weights, HEADS, strict=True)) / sum(weights)
+
+
+def training_gmacs(row: dict, rows: List[dict]) -> float:
+    """Training GMACs of one run: its passes (x images x 3), a teacher's forwards, and for a converted entry the
+    source run of the same seed plus the conversion's calibration passes."""
+    recipe, gmacs = RECIPES[row['recipe']], forward_gmacs()
+    if row.get('passes_per_k'):
+        counts = dict(item.split(':') for item in str(row['passes_per_k']).split())
+        forward = sum(int(n) * gmacs[int(k)] for k, n in counts.items())
+    else:
+        forward = row['subnet_passes'] * expected_per_pass(recipe, gmacs)
+    total = forward * BATCH_SIZE * 3 + row.get('teacher_forwards', 0) * BATCH_SIZE * gmacs[HEADS[-1]]
+    if recipe.source:
+        source = [r for r in rows if r['recipe'] == 'dedicated_k12' and r['seed'] == row['seed']]
+        if not source:
+            return float('nan')  # reported as unknown rather than as cheap
+        total += training_gmacs(source[0], rows)
+        if recipe.convert is not None:  # calibration: forwards (the full-width check), + backward for taylor
+            calib = int(recipe.convert[recipe.convert.index('--calib-images') + 1])
+            total += calib * (3 if 'taylor' in recipe.convert else 1) * gmacs[HEADS[-1]]
+    return total
+
+
+def _gmacs_text(values: Sequence[float]) -> str:
+    return f'{statistics.mean(values):,.0f}' if values else ''
+
+
 # --- report ------------------------------------------------------------------------------------------------
 def load_results(runs: Path, report: Path) -> List[dict]:
     """Finished runs: the run folders' result.json, plus the rows of an earlier report (committed, so that a
@@ -224,6 +337,7 @@ def summarize(rows: List[dict], prefix: str) -> List[dict]:
         timed = [r for r in runs if not r.get('resumed')]
         line = {'recipe': name, 'seeds': len(runs), 'epochs': recipe.epochs,
                 'passes': int(statistics.mean(r['subnet_passes'] for r in runs)),
+                'gmacs': _gmacs_text([training_gmacs(r, rows) for r in runs]),
                 'train_min': _minutes([r['train_s'] for r in runs if 'train_s' in r]),
                 'wall_min': _minutes([r['wall_s'] for r in timed]), 'cpu_min': _minutes([r['cpu_s'] for r in timed])}
         for k in HEADS:
@@ -243,8 +357,9 @@ def pipe_table(head: Sequence[str], body: Sequence[Sequence]) -> str:
 
 
 def markdown_table(lines: List[dict], title: str) -> str:
-    columns = ['recipe', 'seeds', 'epochs', 'passes', 'train_min', 'wall_min', 'cpu_min', *HEADS]
-    head = ['recipe', 'seeds', 'epochs', 'passes', 'train (min)', 'wall (min)', 'CPU (min)'] + [f'k={k}' for k in HEADS]
+    columns = ['recipe', 'seeds', 'epochs', 'passes', 'gmacs', 'train_min', 'wall_min', 'cpu_min', *HEADS]
+    head = ['recipe', 'seeds', 'epochs', 'passes', 'train GMACs', 'train (min)', 'wall (min)', 'CPU (min)'] + \
+        [f'k={k}' for k in HEADS]
     return f'**{title}**\n\n' + pipe_table(head, [[line[c] for c in columns] for line in lines])
 
 
@@ -257,7 +372,10 @@ def write_report(rows: List[dict], report: Path) -> None:
         writer.writerows(rows)
     text = ['# Recipe comparison on digits (generated by scripts/compare_recipes.py)', '',
             'Top-1 (%) on the 450 validation images, mean ± std over seeds; passes = subnetwork forward/backward '
-            'passes per run; train = wall time of the training epochs (sum of the logged epoch times, every run); '
+            'passes per run; train GMACs = forward GMACs per image of each pass x 16 images x 3 (forward + backward), '
+            'summed over the run, with a teacher\'s forwards and, for converted entries, the source run and the '
+            'calibration (rows without per-k counts: the expected value of their sampler); train = wall time of the '
+            'training epochs (sum of the logged epoch times, every run); '
             "wall and CPU = the whole run's process (startup and validation included; runs that were interrupted and "
             'resumed are left out of these two columns). Runs went two at a time with one thread each on the 2-core '
             'CPU, at times beside other work: the times grow with the load of the machine (the same recipe took 8 to '
@@ -270,8 +388,8 @@ def write_report(rows: List[dict], report: Path) -> None:
 
 def summary_table(rows: List[dict], ks: Sequence[int] = (3, 6, 9, 12)) -> str:
     """README's compact view: model top-1 at the dedicated widths, with the compute of each recipe."""
-    columns = ['recipe', 'seeds', 'epochs', 'passes', 'train_min', *ks]
-    head = ['recipe', 'seeds', 'epochs', 'subnet passes', 'train (min)'] + [f'k={k}' for k in ks]
+    columns = ['recipe', 'seeds', 'epochs', 'passes', 'gmacs', 'train_min', *ks]
+    head = ['recipe', 'seeds', 'epochs', 'subnet passes', 'train GMACs', 'train (min)'] + [f'k={k}' for k in ks]
     return pipe_table(head, [[line[c] for c in columns] for line in summarize(rows, '')])
 
 
@@ -302,9 +420,12 @@ def _means(rows: List[dict], recipe: str, prefix: str = '') -> dict:
 
 
 def _compute_multiple(rows: List[dict], recipe: str) -> float:
-    """The recipe's subnetwork passes per run relative to the paper recipe's (1 = equal compute)."""
+    """The recipe's subnetwork passes per run relative to the paper recipe's (1 = equal compute); a converted
+    entry's include its source run's."""
     def passes(name: str) -> float:
-        return statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == name)
+        extra = statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == 'dedicated_k12') \
+            if RECIPES[name].source else 0
+        return statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == name) + extra
     return passes(recipe) / passes('paper_uniform')
 
 
@@ -325,17 +446,26 @@ def targets_table(rows: List[dict]) -> str:
         vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
         gaps = [round(means[k] - dedicated[k], 6) + 0.0 for k in ded_ks]
         met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
-        body.append([name, f'{_compute_multiple(rows, name):.0f}x', f'{vs_paper:+.2f}', *(f'{g:+.2f}' for g in gaps),
-                     'yes' if met else 'no'])
-    head = ['recipe', 'compute', 'vs paper', *(f'vs dedicated k={k}' for k in ded_ks), 'all met']
+        body.append([name, f'{_compute_multiple(rows, name):.0f}x', _gmacs_vs(rows, name), f'{vs_paper:+.2f}',
+                     *(f'{g:+.2f}' for g in gaps), 'yes' if met else 'no'])
+    head = ['recipe', 'compute', 'GMACs vs sandwich_e40', 'vs paper', *(f'vs dedicated k={k}' for k in ded_ks),
+            'all met']
     return ('**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
             'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5; '
-            '`compute` = subnetwork passes relative to the paper recipes.\n\n' + pipe_table(head, body))
+            '`compute` = subnetwork passes relative to the paper recipes; `GMACs vs sandwich_e40` = training GMACs '
+            '(converted entries: with their source) relative to the best 4x-compute recipe.\n\n'
+            + pipe_table(head, body))
+
+
+def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') -> str:
+    ref = [training_gmacs(r, rows) for r in rows if r['recipe'] == reference]
+    mine = [training_gmacs(r, rows) for r in rows if r['recipe'] == recipe]
+    return f'{statistics.mean(mine) / statistics.mean(ref):.2f}x' if ref and mine else ''
 
 
 def _column_order(key: str):
-    fixed = ['recipe', 'seed', 'epochs', 'subnet_passes', 'teacher_forwards', 'train_s', 'wall_s', 'cpu_s', 'threads',
-             'resumed', 'commit']
+    fixed = ['recipe', 'seed', 'epochs', 'subnet_passes', 'passes_per_k', 'teacher_forwards', 'train_s', 'wall_s',
+             'cpu_s', 'threads', 'resumed', 'commit']
     if key in fixed:
         return (0, fixed.index(key), '')
     prefix, _, k = key.rpartition('_k')
@@ -424,7 +554,7 @@ def with_teachers(todo: List[tuple], runs: Path) -> List[tuple]:
     cells = list(todo)
     for recipe, seed in todo:
         dedicated = (RECIPES['dedicated_k12'], seed)
-        if recipe.teacher and not teacher_file(runs, seed).is_file() and dedicated not in cells:
+        if recipe.needs_k12 and not teacher_file(runs, seed).is_file() and dedicated not in cells:
             cells.insert(cells.index((recipe, seed)), dedicated)
     return cells
 

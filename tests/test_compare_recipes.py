@@ -10,6 +10,12 @@ compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
 
+@pytest.fixture(autouse=True)
+def _gmacs(monkeypatch):
+    """Forward GMACs per image of k = k / 100: round numbers instead of DeepSpeed's count of the small model."""
+    monkeypatch.setattr(compare, '_GMACS', {k: k / 100 for k in compare.HEADS})
+
+
 def _row(recipe: str, seed: int, top1: float) -> dict:
     heads = [compare.RECIPES[recipe].dedicated] if compare.RECIPES[recipe].dedicated else compare.HEADS
     row = {'recipe': recipe, 'seed': seed, 'epochs': 40, 'subnet_passes': 3360, 'teacher_forwards': 0,
@@ -29,7 +35,7 @@ def test_report_gives_mean_and_std_over_seeds_and_resumes_from_its_csv(tmp_path)
         (folder / 'result.json').write_text(json.dumps(row))
     compare.write_report(rows, report)
     text = (report / 'comparison.md').read_text()
-    assert '| paper_uniform | 2 | 40 | 3360 |  | 1.0 | 0.5 | 84.00 ± 1.41 |' in text  # k=3: 83 and 85
+    assert '| paper_uniform | 2 | 40 | 3360 | 12,096 |  | 1.0 | 0.5 | 84.00 ± 1.41 |' in text  # k=3: 83, 85
     assert (report / 'comparison.png').stat().st_size > 10_000
     # a later session on another machine: no run folders, the committed CSV says what is done
     reloaded = compare.load_results(tmp_path / 'elsewhere', report)
@@ -59,9 +65,9 @@ def test_targets_table_names_which_targets_a_recipe_meets():
             {**_row('sandwich_e40', 0, 82.0), 'subnet_passes': 4 * 3360}]
     rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9, 12)]  # dedicated k: 81.8 + k
     text = compare.targets_table(rows)
-    assert '| sandwich | 1x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
-    assert '| paper_uniform | 1x | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
-    assert '| sandwich_e40 | 4x | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
+    assert '| sandwich | 1x | 0.25x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
+    assert '| paper_uniform | 1x | 0.25x | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
+    assert '| sandwich_e40 | 4x | 1.00x | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
 
 
 def test_targets_table_counts_a_tie_with_the_paper_as_met():
@@ -71,7 +77,7 @@ def test_targets_table_counts_a_tie_with_the_paper_as_met():
                 for seed, count in enumerate(counts)]
     rows = seeds('sandwich', (420, 421, 431)) + seeds('paper_uniform', (424,) * 3) + seeds('paper_weighted', (400,))
     rows += [{**_row(f'dedicated_k{k}', 0, 0.0), f'top1_k{k}': 100 * 424 / 450} for k in (3, 6, 9, 12)]
-    assert '| sandwich | 1x | +0.00 | +0.00 | +0.00 | +0.00 | +0.00 | yes |' in compare.targets_table(rows)
+    assert '| sandwich | 1x |  | +0.00 | +0.00 | +0.00 | +0.00 | +0.00 | yes |' in compare.targets_table(rows)
 
 
 def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
@@ -86,8 +92,9 @@ def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.startswith('intro\n<!-- comparison_summary:start -->\nModel top-1') and text.endswith(
         '<!-- comparison_summary:end -->\nrest\n')
-    assert '| paper_uniform | 2 | 40 | 3360 |  | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' in text
-    assert '| dedicated_k3 | 1 | 40 | 3360 |  | 93.00 |  |  |  |' in text  # one seed: no spread shown
+    assert '| paper_uniform | 2 | 40 | 3360 | 12,096 |  | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' \
+        in text
+    assert '| dedicated_k3 | 1 | 40 | 3360 | 4,838 |  | 93.00 |  |  |  |' in text  # one seed: no spread shown
     assert 'old' not in text and 'old' not in training.read_text()
     assert '**EMA**' in training.read_text() and training.read_text().endswith('<!-- comparison_report:end -->\nb\n')
     readme.write_text('no markers\n')
@@ -118,3 +125,45 @@ def test_training_time_counts_each_epoch_once_across_a_resume(tmp_path):
     compare.run_dir(runs, 'dedicated_k3', 0).mkdir(parents=True)
     (compare.run_dir(runs, 'dedicated_k3', 0) / 'train.log').write_text(log.read_text())
     assert compare.load_results(runs, report)[0]['train_s'] == 3763.0
+
+
+def test_training_gmacs_count_each_pass_at_its_k_and_a_converted_entry_its_source():
+    recipes = compare.RECIPES
+    exact = {**_row('paper_uniform', 0, 80.0), 'passes_per_k': '3:100 12:10'}
+    assert compare.training_gmacs(exact, [exact]) == pytest.approx((100 * 0.03 + 10 * 0.12) * 16 * 3)
+    # a row without per-k counts: its sampler's expectation (sandwich: 12 and 3 every step, two of the 8 others)
+    sandwich = _row('sandwich', 0, 80.0)
+    per_pass = (0.12 + 0.03 + 2 * 0.075) / 4
+    assert compare.training_gmacs(sandwich, [sandwich]) == pytest.approx(3360 * per_pass * 48)
+    weighted = _row('paper_weighted', 0, 80.0)  # weights ~ k
+    expected = sum(k * k / 100 for k in compare.HEADS) / sum(compare.HEADS)
+    assert compare.training_gmacs(weighted, [weighted]) == pytest.approx(3360 * expected * 48)
+    teacher = {**_row('sandwich_ikd_teacher', 0, 80.0), 'teacher_forwards': 840}
+    assert compare.training_gmacs(teacher, [teacher]) == pytest.approx(3360 * per_pass * 48 + 840 * 16 * 0.12)
+    # converted: the fine-tune, the source run of the same seed and the 256 calibration images (forward only for
+    # the magnitude score: the full-width check)
+    source = _row('dedicated_k12', 1, 90.0)
+    tuned = {**_row('convert_ft10', 1, 90.0), 'subnet_passes': 840, 'passes_per_k': '12:210 3:210 7:420'}
+    fine_tune = (210 * 0.12 + 210 * 0.03 + 420 * 0.07) * 48
+    calib = 256 * (3 if 'taylor' in compare.CONVERT else 1) * 0.12
+    assert compare.training_gmacs(tuned, [source, tuned]) == pytest.approx(fine_tune + 3360 * 0.12 * 48 + calib)
+    assert compare.training_gmacs(tuned, [tuned]) != compare.training_gmacs(tuned, [tuned])  # NaN: source unknown
+    assert recipes['source_ft10'].convert is None and recipes['source_ft10'].source
+
+
+def test_converted_entries_convert_their_source_then_fine_tune_or_validate(tmp_path):
+    ft = compare.RECIPES['convert_ft5']
+    convert = compare.convert_command(ft, 2, tmp_path / 'data', tmp_path)
+    assert convert[1:4] == ['-m', 'hydravit.convert', str(tmp_path / 'data')]
+    assert str(compare.teacher_file(tmp_path, 2)) in convert and '--score' in convert and '--seed' in convert
+    train = compare.command(ft, 2, tmp_path / 'data', tmp_path)
+    assert train[train.index('--initial-checkpoint') + 1] == str(compare.run_dir(tmp_path, 'convert_ft5', 2)
+                                                                 / 'converted.pth')
+    assert train[train.index('--epochs') + 1] == '5' and '--subnets-per-step' in train
+    ablation = compare.command(compare.RECIPES['source_ft10'], 2, tmp_path / 'data', tmp_path)
+    assert ablation[ablation.index('--initial-checkpoint') + 1] == str(compare.teacher_file(tmp_path, 2))
+    zero = compare.validate_command(compare.run_dir(tmp_path, 'convert_ft0', 2), tmp_path / 'data')
+    assert zero[1] == 'validate.py' and zero[zero.index('--heads') + 1:zero.index('-b')] == list(
+        map(str, compare.HEADS))
+    # every converted entry waits for (or retrains) the dedicated 12-head run of its seed
+    assert compare.with_teachers([(ft, 2)], tmp_path) == [(compare.RECIPES['dedicated_k12'], 2), (ft, 2)]

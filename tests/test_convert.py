@@ -1,0 +1,148 @@
+"""hydravit.convert: importance-ordered permutations of a trained ViT that keep its function at full width."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import hydravit
+from hydravit.convert import (
+    SCORES,
+    Importance,
+    check_convertible,
+    convert_state_dict,
+    main,
+    orders_from,
+    permute_state_dict,
+    target_model_name,
+)
+
+
+def vit(name='vit_base_patch16_224', **kwargs):
+    """A random timm ViT of ``name``'s widths, shallow and small-input so the test stays quick."""
+    kwargs = dict(dict(depth=2, img_size=64, num_classes=5), **kwargs)
+    return timm.create_model(name, **kwargs).eval()
+
+
+def perturbed(model):
+    """Random LayerNorm affines and biases: timm's init (ones, zeros) would hide a wrongly permuted vector."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('vit_base_patch16_224', {}),
+    ('deit_small_patch16_224', {}),
+    ('deit_small_patch16_224', dict(qkv_bias=False)),
+    ('vit_base_patch16_224', dict(global_pool='avg', class_token=False, fc_norm=True)),
+    ('vit_base_patch16_224', dict(reg_tokens=2, no_embed_class=True)),
+])
+@pytest.mark.parametrize('score', SCORES)
+def test_permuted_vit_computes_the_same_function(name, kwargs, score):
+    source = perturbed(vit(name, **kwargs))
+    x = torch.randn(2, 3, 64, 64)
+    state_dict, orders = convert_state_dict(source, score, [x])
+    for order, n in [(orders.channels, source.embed_dim)] + [(o, source.blocks[0].attn.num_heads)
+                                                             for o in orders.heads]:
+        assert sorted(order.tolist()) == list(range(n))  # a bijection
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders.heads)  # and not the identity
+    permuted = vit(name, **kwargs)
+    permuted.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), source(x), rtol=0, atol=1e-4)
+
+
+def test_converted_small_model_slices_like_its_export(tmp_path):
+    source = perturbed(timm.create_model('hydravit_dyn_patch4_32', num_classes=5)).eval()
+    plain = timm.models.VisionTransformer(**source.vit_args).eval()
+    plain.load_state_dict(source.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    state_dict, _ = convert_state_dict(plain, 'taylor', [x])
+    model = timm.create_model(target_model_name(plain), num_classes=5).eval()
+    model.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-4)
+        model.set_heads(4)
+        torch.testing.assert_close(model(x), hydravit.export_subnetwork(model, 4).eval()(x), rtol=0, atol=1e-5)
+
+
+def test_orders_put_the_highest_score_first_and_are_deterministic():
+    scores = Importance(heads=torch.tensor([[0.1, 0.9, 0.5]]), mlp=torch.tensor([[1., 1., 2.]]),
+                        channels=torch.tensor([3., 1., 3., 2.]))
+    orders = orders_from(scores)
+    assert orders.heads[0].tolist() == [1, 2, 0]
+    assert orders.mlp[0].tolist() == [2, 0, 1]  # ties keep their order
+    assert orders.channels.tolist() == [0, 2, 3, 1]
+    source = perturbed(vit('deit_small_patch16_224'))
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64, 64)
+    first = convert_state_dict(source, 'taylor', [x])[1]
+    again = convert_state_dict(source, 'taylor', [x.clone()])[1]
+    assert all(torch.equal(a, b) for a, b in zip(first.heads + [first.channels], again.heads + [again.channels],
+                                                 strict=True))
+
+
+def test_head_permutation_moves_qkv_rows_and_proj_columns_together():
+    source = perturbed(vit('deit_small_patch16_224', depth=1))
+    sd = {n: t.clone() for n, t in source.state_dict().items()}
+    heads = torch.tensor([5, 4, 3, 2, 1, 0])
+    orders = orders_from(Importance(heads=torch.tensor([[0., 1, 2, 3, 4, 5]]), mlp=torch.zeros(1, 1536),
+                                    channels=torch.zeros(384)))
+    assert torch.equal(orders.heads[0], heads)
+    out = permute_state_dict(sd, orders, 6)
+    qkv, proj = sd['blocks.0.attn.qkv.weight'], sd['blocks.0.attn.proj.weight']
+    # new head 0 is old head 5: its q rows, k rows (offset 384) and proj columns
+    assert torch.equal(out['blocks.0.attn.qkv.weight'][:64], qkv[320:384])
+    assert torch.equal(out['blocks.0.attn.qkv.weight'][384:448], qkv[704:768])
+    assert torch.equal(out['blocks.0.attn.proj.weight'][:, :64], proj[:, 320:384])
+
+
+@pytest.mark.parametrize('make,message', [
+    (lambda: timm.create_model('resnet18', num_classes=5), 'not a timm VisionTransformer: ResNet'),
+    (lambda: vit(qk_norm=True), 'qk_norm'),
+    (lambda: vit('deit3_small_patch16_224'), 'layer scale'),
+    (lambda: vit(global_pool='map'), "attention pooling"),
+])
+def test_geometries_hydravit_cannot_express_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        check_convertible(make())
+
+
+def test_unregistered_geometry_names_what_differs():
+    def full(name):
+        return timm.create_model(name, device='meta')
+    with pytest.raises(ValueError, match=r'no registered HydraViT has this geometry \(head_dim 64\); closest '
+                                         r'hydravit_dyn_patch16_224: embed_dim 192 vs 768, num_heads 3 vs 12'):
+        target_model_name(full('deit_tiny_patch16_224'))
+    assert target_model_name(full('deit_small_patch16_224')) == 'hydravit_dyn_small_patch16_224'
+    assert target_model_name(full('vit_base_patch16_224.augreg_in21k')) == 'hydravit_dyn_patch16_224'
+    assert target_model_name(full('vit_large_patch16_224')) == 'hydravit_dyn_large_patch16_224'
+
+
+def test_cli_writes_a_checkpoint_that_validate_loads(tmp_path, image_folder, capsys):
+    source = perturbed(timm.create_model('hydravit_dyn_patch4_32', num_classes=2))
+    torch.save({'state_dict': source.state_dict()}, tmp_path / 'src.pth')
+    out = tmp_path / 'converted.pth'
+    assert main([str(image_folder), '--model', 'hydravit_dyn_patch4_32', '--checkpoint', str(tmp_path / 'src.pth'),
+                 '-o', str(out), '--calib-images', '4', '--report', '--heads', '3', '12']) == 0
+    printed = capsys.readouterr().out
+    assert 'original order' in printed and 'converted' in printed
+    model = timm.create_model('hydravit_dyn_patch4_32', num_classes=2).eval()
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint['arch'] == 'hydravit_dyn_patch4_32'
+    model.load_state_dict(checkpoint['state_dict'], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=1e-4)
+
+
+def test_cli_errors_before_any_work(tmp_path, image_folder, capsys):
+    with pytest.raises(SystemExit):
+        main([str(image_folder), '--model', 'hydravit_dyn_patch4_32', '--checkpoint', str(tmp_path / 'none.pth'),
+              '-o', str(tmp_path / 'o.pth')])
+    assert '--checkpoint: file not found' in capsys.readouterr().err
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / 'linear.pth')
+    assert main([str(image_folder), '--model', 'hydravit_dyn_patch4_32', '--checkpoint', str(tmp_path / 'linear.pth'),
+                 '-o', str(tmp_path / 'o.pth')]) == 2
+    assert 'does not match' in capsys.readouterr().err and not (tmp_path / 'o.pth').exists()
