@@ -507,8 +507,11 @@ def _legend(rows: List[dict], recipe: str, seeds: int) -> str:
 
 
 def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
+    from matplotlib import colormaps
+
+    palette = colormaps['tab20'].colors  # more recipes than the default cycle's 10 colours
     dedicated = {}
-    for name, recipe in RECIPES.items():
+    for i, (name, recipe) in enumerate(RECIPES.items()):
         runs = [r for r in rows if r['recipe'] == name]
         if not runs:
             continue
@@ -519,7 +522,8 @@ def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
         values = [[r[f'{prefix}top1_k{k}'] for r in runs] for k in ks]
         means = [statistics.mean(v) for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        ax.errorbar(ks, means, yerr=stds, marker='o', ms=3, capsize=2, label=_legend(rows, name, len(runs)))
+        ax.errorbar(ks, means, yerr=stds, marker='o', ms=3, capsize=2, label=_legend(rows, name, len(runs)),
+                    color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], ls='--' if recipe.source else '-')
     if dedicated:
         ks = sorted(dedicated)
         ax.errorbar(ks, [statistics.mean(dedicated[k]) for k in ks],
