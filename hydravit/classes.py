@@ -4,7 +4,7 @@ timm's ImageFolder numbers the class folders it finds in each split on its own, 
 one class would shift every label after it. Training records its class names (in the checkpoint and as the run's
 ``class_map.txt``); readers of other splits map their folders onto them by name.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def dataset_class_to_idx(dataset) -> Optional[Dict[str, int]]:
@@ -36,6 +36,12 @@ def class_map_onto(known: Sequence[str], found: Dict[str, int], what: str) -> Op
     if all(known_idx[name] == label for name, label in found.items()):
         return None
     return known_idx
+
+
+def match_classes(known: Sequence[str], found: Dict[str, int], what: str) -> Tuple[Optional[Dict[str, int]], List[str]]:
+    """``(class_map_onto(known, found, what), missing_classes(known, found))``: how a split is labelled by the
+    ``known`` classes, and which of them it lacks (to warn about). Raises ``class_map_onto``'s ``ValueError``."""
+    return class_map_onto(known, found, what), missing_classes(known, found)
 
 
 def missing_classes(known: Sequence[str], found: Dict[str, int]) -> List[str]:

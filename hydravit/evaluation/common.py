@@ -19,7 +19,7 @@ from timm.data import IterableImageDataset, create_dataset, create_loader, resol
 from timm.utils import random_seed, reparameterize_model
 
 from ..checkpoint import atomic_write
-from ..classes import class_map_onto, dataset_class_to_idx, missing_classes, shown
+from ..classes import dataset_class_to_idx, match_classes, shown
 from ..cli import add_model_args, create_model_from_args, resolve_heads
 from ..model import HydraViT
 from .environment import SETTINGS_KEYS, add_cuda_args, apply_cuda_args, settings_row
@@ -325,10 +325,9 @@ def create_eval_dataset(session: EvalSession):
                  f'(the training classes, one per line) to match them by name')
         return dataset
     try:
-        mapping = class_map_onto(names, found, f'DATA ({args.data})')
+        mapping, missing = match_classes(names, found, f'DATA ({args.data})')
     except ValueError as e:
         raise UsageError(str(e)) from e
-    missing = missing_classes(names, found)
     if missing:
         warn(f'DATA has no images of {len(missing)} of the {len(names)} classes the model was trained on '
              f'({shown(missing)}); labels matched by class name')

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 
-from ..classes import class_map_onto, class_names, dataset_class_to_idx, missing_classes, shown
+from ..classes import class_names, dataset_class_to_idx, match_classes, shown
 from .config import ConfigError
 
 _logger = logging.getLogger('train')
@@ -58,10 +58,9 @@ def create_datasets(args: argparse.Namespace, input_img_mode: str) -> Tuple[Any,
         return train, val  # --class-map numbers both splits; other readers label by their own rules
     names = class_names(train_classes)
     try:
-        class_map = class_map_onto(names, val_classes, f'--val-split {args.val_split!r}')
+        class_map, missing = match_classes(names, val_classes, f'--val-split {args.val_split!r}')
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    missing = missing_classes(names, val_classes)
     if missing:
         _logger.warning(f'--val-split {args.val_split!r} has no images of {len(missing)} of the {len(names)} '
                         f'training classes ({shown(missing)}); '
