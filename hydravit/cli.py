@@ -98,6 +98,9 @@ def create_model_from_args(args: argparse.Namespace,
         model.load_state_dict(state_dict, strict=True)
         if resampled:
             note(resampled)
+    recorded = (checkpoint or {}).get('heads')
+    if isinstance(recorded, (list, tuple)) and recorded and hasattr(model, 'trained_heads'):
+        model.trained_heads = sorted(parse_heads(recorded, model.num_heads, flag='checkpoint heads'))
     return model, checkpoint
 
 

@@ -4,7 +4,7 @@ The model is timm's ``VisionTransformer`` built from sliceable layers, so its st
 key-for-key and shape-for-shape that of the full-size timm ViT.
 """
 import numbers
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -98,6 +98,9 @@ class HydraViT(ActiveParams, VisionTransformer):
             if bad:
                 raise ValueError(f'separate_classifiers must hold head counts in 1..{num_heads}, got {bad}')
         self.head = self._make_head(num_classes)
+        # The head counts the weights were trained on: set from a training checkpoint's record by hydravit's
+        # loader (cli.create_model_from_args); the deploy tools serve only these. None: unknown.
+        self.trained_heads: Optional[List[int]] = None
         self._active_heads = num_heads
         self.set_heads(num_heads if active_heads is None else active_heads)
 

@@ -20,6 +20,7 @@ import hydravit  # noqa: F401  registers the models
 from hydravit.deploy import ElasticRunner, export_cli, load, onnx, pick, profile, serve_bench
 from hydravit.deploy import __main__ as deploy_main
 from hydravit.evaluation import accuracy, macs
+from hydravit.evaluation.common import create_session
 from hydravit.export import export_subnetwork
 
 SMALL = 'hydravit_dyn_patch4_32'
@@ -277,6 +278,7 @@ class FakeModel:
     """Has set_heads and num_heads; a call advances the clock by ``latency(k, now)`` ms."""
 
     num_heads = 12
+    trained_heads = list(range(1, 13))
 
     def __init__(self, clock: FakeClock, latency) -> None:
         self.clock, self.latency, self.k = clock, latency, None
@@ -311,10 +313,11 @@ def test_runner_steps_down_under_load_and_back_up_after():
     assert {k for t, k, _ in history if t < 3} == {10}
     under_load = [(k, ms) for t, k, ms in history if 3 <= t < 8]
     assert np.mean([ms <= 10. for _, ms in under_load]) >= 0.98
-    # 1.8 x 4.6 ms fits, 1.8 x 5.55 does not: k=6, with a few one-call tries of k=7 spaced by a doubling back-off.
+    # 1.8 x 4.6 ms fits, 1.8 x 5.55 does not: k=6, with at most a few one-call tries of k=7 spaced by a doubling
+    # back-off.
     settled = [k for t, k, _ in history if 3.2 <= t < 8]
     tries = [t for (t, a, _), (_, b, _) in zip(history, history[1:], strict=False) if (a, b) == (6, 7)]
-    assert set(settled) == {6, 7} and settled.count(7) < 0.03 * len(settled) and len(tries) <= 4
+    assert 6 in settled and set(settled) <= {6, 7} and settled.count(7) < 0.03 * len(settled) and len(tries) <= 4
     assert all(later - earlier > 0.4 for earlier, later in zip(tries, tries[1:], strict=False))
     back = next(t for t, k, _ in history if t >= 8 and k == 10)
     assert back - 8 < 0.5 and {k for t, k, _ in history if t >= back} == {10}
@@ -340,6 +343,52 @@ def test_runner_never_leaves_its_heads():
     assert runner.heads == [3, 6, 9]
 
 
+def test_runner_learns_costs_and_climbs_back_after_a_load():
+    # No profile: k^2 seeds the costs, but this model's latency grows linearly in k (k^2 puts k=9 at 2.25x k=6,
+    # the model at 1.4x). The runner holds k=9 (8.2 ms; k=10 at 9.0 ms lacks the 5 % entry margin), drops under a
+    # 2x load and, having measured k=9 before the load, is back there soon after the load ends.
+    cost = {k: 1 + 0.8 * k for k in range(1, 13)}
+    rng = random.Random(0)
+    runner = serve(lambda k, t: cost[k] * (2. if 5 <= t < 10 else 1.) * rng.uniform(0.98, 1.02), 16,
+                   budget_ms=9., heads=list(range(3, 13)))
+    history = list(runner.history)
+    assert {k for t, k, _ in history if 1 <= t < 5} == {9}
+    assert {k for t, k, _ in history if 5.5 <= t < 10} <= {3, 4}  # 2 x 4.2 ms fits, 2 x 5.0 does not
+    back = next(t for t, k, _ in history if t >= 10 and k == 9)
+    assert back - 10 < 0.5 and {k for t, k, _ in history if t >= back} == {9}
+    learned = runner.controller.costs
+    assert learned[9] == pytest.approx(cost[9], rel=0.03) and learned[4] == pytest.approx(cost[4], rel=0.03)
+
+
+def test_runner_accuracy_floor():
+    top1 = {3: 80., 4: 88., 5: 91., 6: 90.5, 7: 93., 8: 94.}
+    rows = [{**p, 'top1': top1[p['heads']]} for p in PROFILE if p['heads'] in top1]
+    model = FakeModel(FakeClock(), lambda k, t: COST[k])
+    model.trained_heads = None  # then the profile's head counts are the served set
+    runner = ElasticRunner(model, 6., profile=rows, min_top1=90.)
+    assert runner.heads == [5, 6, 7, 8] and runner.dropped == [3, 4]
+    assert runner.active_heads == 7  # the most accurate k whose p90 (5.02 ms) is within the 5 % margin
+    # Among the k that fit, the more accurate: with k=6 at 90.5 % and k=5 at 91 %, the start at 5.5 ms is k=5.
+    assert ElasticRunner(model, 5.5, profile=rows, heads=[5, 6]).active_heads == 5
+    with pytest.raises(ValueError, match=r'min_top1 needs a profile with top1 for every k'):
+        ElasticRunner(model, 6., profile=PROFILE, min_top1=90.)
+    with pytest.raises(ValueError, match=r'min_top1 95: no head count reaches it \(best: 94 % at k=8\)'):
+        ElasticRunner(model, 6., profile=rows, min_top1=95.)
+    with pytest.raises(ValueError, match=r'heads: the model records no trained head counts and no profile'):
+        ElasticRunner(timm.create_model(SMALL, num_classes=5), 10.)
+
+
+def test_runner_under_a_forced_slowdown_stays_at_the_floor():
+    top1 = {k: 50. + 4 * k for k in range(1, 13)}
+    rows = [{**p, 'top1': top1[p['heads']]} for p in PROFILE]
+    # From t = 1 s every call takes 20x: nothing fits a 10 ms budget; the floor (80 %) leaves k >= 8.
+    runner = serve(noisy(lambda t: 20. if t >= 1 else 1.), 6, budget_ms=10., profile=rows, min_top1=80.)
+    ks = [k for _, k, _ in runner.history]
+    assert set(ks) <= set(range(8, 13)) and runner.heads == [8, 9, 10, 11, 12]
+    assert {k for t, k, _ in runner.history if t >= 2} == {8}  # the smallest allowed k, over budget, not below
+    assert all(ms > 10. for t, _, ms in runner.history if t >= 2)
+
+
 def test_runner_on_a_real_model_and_bad_arguments():
     model = timm.create_model(SMALL, num_classes=5).eval()
     runner = ElasticRunner(model, 1e4, heads=[3, 12])
@@ -355,7 +404,7 @@ def test_runner_on_a_real_model_and_bad_arguments():
     with pytest.raises(ValueError, match=r'heads: head counts must be ints in 1..12, got \[13\]'):
         ElasticRunner(model, 10., heads=[3, 13])
     with pytest.raises(ValueError, match='latency budget must be > 0 ms'):
-        ElasticRunner(model, 0.)
+        ElasticRunner(model, 0., heads=[3])
     with pytest.raises(ValueError, match=r'profile has no latency for heads \[5\]'):
         ElasticRunner(model, 10., heads=[3, 5], profile=PROFILE[2:3])
 
@@ -392,28 +441,107 @@ def test_load_schedule_parsing_and_stop_on_interrupt():
             os.kill(pid, 0)
 
 
-def test_serve_bench_runs_and_leaves_no_load_behind(tmp_path, capsys):
-    out = tmp_path / 'sb'
-    result = serve_bench.main(['--model', SMALL, '-b', '2', '--heads', '3', '12', '--budget-ms', '1000',
-                               '--load-schedule', 'off:0.4', 'on:0.8', 'off:0.4', '--load-procs', '1',
-                               '--calibration-time', '0.1', '--log-every', '0.5', '-o', str(out), '--device', 'cpu'])
+@pytest.fixture(scope='module')
+def trained_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """The module's weights with the head set a training run records (as hydravit.train writes it)."""
+    state = torch.load(checkpoint, weights_only=True)
+    path = tmp_path_factory.mktemp('trained') / 'last.pth.tar'
+    torch.save({**state, 'heads': [12, 3], 'class_names': ['cat', 'dog']}, path)
+    return path
+
+
+def hand_count(calls, budget_ms: float) -> tuple:
+    """(top-1 %, goodput %) of recorded calls [t, k, ms, correct, images], counted here."""
+    images = sum(c[4] for c in calls)
+    return (100 * sum(c[3] for c in calls) / images,
+            100 * sum(c[3] for c in calls if c[2] <= budget_ms) / images)
+
+
+def test_serve_bench_three_policies_on_labelled_images(image_folder, trained_checkpoint, tmp_path, capsys):
+    out, budget = tmp_path / 'sb', 1e4
+    result = serve_bench.main([str(image_folder), '--checkpoint', str(trained_checkpoint), '-b', '2',
+                               '--budget-ms', str(budget), '--repeats', '2', '--load-schedule', 'off:0.3', 'on:0.6',
+                               'off:0.3', '--load-procs', '1', '--calibration-time', '0.05', '--log-every', '0.4',
+                               '-o', str(out), '--device', 'cpu', '-j', '0'])
     stdout = capsys.readouterr().out
     assert load_children() == set()
     assert (out / 'serve_bench.png').read_bytes()[:4] == b'\x89PNG'
     assert json.loads((out / 'serve_bench.json').read_text())['summary'] == result['summary']
-    summary = {r['run']: r for r in result['summary']}
-    assert list(summary) == ['fixed', 'elastic'] and list(summary['fixed']) == list(serve_bench.SUMMARY_KEYS)
-    assert {k for _, k, _ in result['runs']['fixed']['history']} == {12}
-    assert {k for _, k, _ in result['runs']['elastic']['history']} <= {3, 12}
-    assert all(summary[run]['calls'] > 0 and summary[run]['within_budget_load'] is not None for run in summary)
-    assert [r['heads'] for r in result['calibration']] == [3, 12]
-    assert 0 < result['overhead']['runner_us_per_call'] < 1e3
-    assert '[elastic]' in stdout and 'runner overhead' in stdout
+    assert result['settings']['heads'] == [3, 12]  # the checkpoint's trained set, not 1..12
+    calibration = {row['heads']: row for row in result['calibration']}
+    assert list(calibration) == [3, 12]
+    best = max(calibration.values(), key=lambda row: (row['top1'], -row['latency_ms_p90']))['heads']
+    assert result['policies'] == {'pick': [best], 'largest': [12], 'elastic': [3, 12]}
+    assert [rep['order'] for rep in result['repeats']] == [['pick', 'largest', 'elastic'],
+                                                           ['largest', 'elastic', 'pick']]
+    for rep in result['repeats']:
+        summary = {row['policy']: row for row in rep['summary']}
+        for name, run in rep['runs'].items():
+            calls = run['calls']
+            assert {c[1] for c in calls} <= set(result['policies'][name]) and summary[name]['outside_heads'] == 0
+            assert summary[name]['calls'] == len(calls) and summary[name]['images'] == 2 * len(calls)
+            top1, goodput = hand_count(calls, budget)
+            assert summary[name]['top1'] == pytest.approx(top1, abs=1e-3)
+            assert summary[name]['goodput'] == pytest.approx(goodput, abs=1e-3)
+            on = [c for c in calls if 0.3 <= c[0] < 0.9]
+            assert summary[name]['goodput_load'] == pytest.approx(hand_count(on, budget)[1], abs=1e-3)
+        # The first 4 calls of a fixed k answer each of the 8 images once: their accuracy is the calibration's.
+        first = rep['runs']['largest']['calls'][:4]
+        assert len(first) == 4 and hand_count(first, budget)[0] == pytest.approx(calibration[12]['top1'], abs=1e-3)
+    rows = {row['policy']: row for row in result['summary']}
+    for name in serve_bench.POLICIES:
+        values = [row['goodput'] for rep in result['repeats'] for row in rep['summary'] if row['policy'] == name]
+        assert rows[name]['repeats'] == 2 and rows[name]['goodput'] == pytest.approx(np.mean(values), abs=1e-3)
+        assert rows[name]['goodput_std'] == pytest.approx(np.std(values, ddof=1), abs=1e-3)
+    assert rows['largest']['k'] == 12 and rows['elastic']['k'] is None and rows['elastic']['runner_us_per_call'] > 0
+    assert '[elastic 2/2]' in stdout and 'goodput under load: elastic' in stdout
+    assert 'calls at a k outside the served set: 0 (target 0: met)' in stdout
 
 
-def test_serve_bench_bad_arguments(capsys):
-    err = expect_exit(serve_bench.main, ['--model', SMALL, '--budget-ms', '0'], capsys)
+def test_serve_bench_floor_and_bad_arguments(image_folder, checkpoint, trained_checkpoint, capsys):
+    base = [str(image_folder), '--checkpoint', str(trained_checkpoint), '-b', '2', '--device', 'cpu', '-j', '0',
+            '--calibration-time', '0.05', '--load-procs', '0', '--duration', '0.1']
+    err = expect_exit(serve_bench.main, [*base, '--budget-ms', '1e4', '--min-top1', '100.5'], capsys)
+    assert err.endswith('error: --min-top1 is a top-1 in %, 0..100, got 100.5\n')
+    top1 = {r['heads']: r['top1'] for r in accuracy.main([str(image_folder), '--checkpoint', str(trained_checkpoint),
+                                                          '--heads', '3', '12', '-j', '0', '--device', 'cpu'])}
+    capsys.readouterr()
+    floor = max(top1.values()) + 1e-3
+    if floor <= 100:
+        err = expect_exit(serve_bench.main, [*base, '--budget-ms', '1e4', '--min-top1', str(floor)], capsys)
+        assert 'error: --budget-ms / --min-top1: no head count meets every bound' in err
+    err = expect_exit(serve_bench.main, [*base, '--budget-ms', '1e-6'], capsys)
+    assert 'error: --budget-ms / --min-top1: no head count meets every bound: --max-latency-ms 1e-06' in err
+    err = expect_exit(serve_bench.main, [str(image_folder), '--checkpoint', str(checkpoint), '--budget-ms', '5',
+                                         '--device', 'cpu'], capsys)
+    assert err.endswith(f'error: --heads: {checkpoint} records no trained head counts (it was not written by '
+                        'hydravit.train); pass --heads with the k it was trained on\n')
+    err = expect_exit(serve_bench.main, [*base, '--budget-ms', '5', '-b', '9'], capsys)
+    assert err.endswith('error: -b/--batch-size 9: DATA has only 8 images\n')
+    err = expect_exit(serve_bench.main, ['--model', SMALL, '--budget-ms', '5'], capsys)
+    assert err.endswith('error: DATA (or --data-dir) is required\n')
+    err = expect_exit(serve_bench.main, [*base, '--budget-ms', '0'], capsys)
     assert err.endswith('error: --budget-ms must be > 0, got 0\n')
-    err = expect_exit(serve_bench.main, ['--model', SMALL, '--budget-ms', '5', '--load-schedule', 'on:5', 'up:3'],
-                      capsys)
+    err = expect_exit(serve_bench.main, [*base, '--budget-ms', '5', '--repeats', '0'], capsys)
+    assert err.endswith('error: --repeats must be >= 1, got 0\n')
+    err = expect_exit(serve_bench.main, [*base, '--budget-ms', '5', '--load-schedule', 'on:5', 'up:3'], capsys)
     assert err.endswith("error: --load-schedule: each item is on:SECONDS or off:SECONDS with SECONDS > 0, got 'up:3'\n")
+
+
+def test_deploy_tools_default_to_the_trained_head_set(image_folder, trained_checkpoint, tmp_path, capsys):
+    out = tmp_path / 'p.json'
+    written = profile.main([str(image_folder), '--checkpoint', str(trained_checkpoint), '-b', '2', '-j', '0',
+                            *QUICK_BENCH, '-o', str(out), '--device', 'cpu'])
+    assert [r['heads'] for r in written['rows']] == [3, 12] and written['model']['trained_heads'] == [3, 12]
+    capsys.readouterr()
+    args = profile.create_profile_parser().parse_args(['--checkpoint', str(trained_checkpoint), '--heads', '2', '3'])
+    assert create_session(args, trained_only=True).heads == [2, 3]
+    assert capsys.readouterr().err.startswith(f'warning: --heads 2: not among the head counts {trained_checkpoint} '
+                                              'was trained on (3 12)')
+    # Random weights: no width is trained, every k is measured (costs only).
+    args = profile.create_profile_parser().parse_args(['--model', SMALL, '--device', 'cpu'])
+    assert create_session(args, trained_only=True).heads == list(range(1, 13))
+    # A model loaded from the checkpoint knows its trained set; the runner serves that set by default.
+    args = profile.create_profile_parser().parse_args(['--checkpoint', str(trained_checkpoint), '--device', 'cpu'])
+    model = create_session(args).model
+    assert model.trained_heads == [3, 12] and ElasticRunner(model, 1e4).heads == [3, 12]

@@ -66,27 +66,32 @@ def accuracy_key(rows: Sequence[Row]) -> str:
     return 'top1' if rows and all(row.get('top1') is not None for row in rows) else 'heads'
 
 
-def _objectives(row: Row, acc: str) -> tuple:
+def _costs(rows: Sequence[Row]) -> List[tuple]:
+    """The costs every row has (a profile has all; serve-bench's calibration only latency)."""
+    return [(key, more) for key, more in COSTS if all(row.get(key) is not None for row in rows)]
+
+
+def _objectives(row: Row, acc: str, costs: Sequence[tuple] = COSTS) -> tuple:
     """Every objective with "larger is better"."""
-    return (row[acc], *(row[key] if more else -row[key] for key, more in COSTS))
+    return (row[acc], *(row[key] if more else -row[key] for key, more in costs))
 
 
-def dominates(a: Row, b: Row, acc: str) -> bool:
+def dominates(a: Row, b: Row, acc: str, costs: Sequence[tuple] = COSTS) -> bool:
     """``a`` is at least as good as ``b`` on accuracy and every cost, and better on one."""
-    oa, ob = _objectives(a, acc), _objectives(b, acc)
+    oa, ob = _objectives(a, acc, costs), _objectives(b, acc, costs)
     return all(x >= y for x, y in zip(oa, ob, strict=True)) and oa != ob
 
 
 def pareto_frontier(rows: Sequence[Row]) -> List[Row]:
     """Rows no other row dominates, in head-count order."""
-    acc = accuracy_key(rows)
-    return sorted((row for row in rows if not any(dominates(other, row, acc) for other in rows)),
+    acc, costs = accuracy_key(rows), _costs(rows)
+    return sorted((row for row in rows if not any(dominates(other, row, acc, costs) for other in rows)),
                   key=lambda row: row['heads'])
 
 
-def _preference(row: Row, acc: str) -> tuple:
+def _preference(row: Row, acc: str, costs: Sequence[tuple]) -> tuple:
     # Most accurate first; among equals the cheaper on each cost in turn (so the choice is on the frontier).
-    return (-row[acc], *(-row[key] if more else row[key] for key, more in COSTS), row['heads'])
+    return (-row[acc], *(-row[key] if more else row[key] for key, more in costs), row['heads'])
 
 
 def fits(row: Row, bounds: Dict[str, float]) -> bool:
@@ -94,12 +99,14 @@ def fits(row: Row, bounds: Dict[str, float]) -> bool:
 
 
 def choose(rows: Sequence[Row], bounds: Dict[str, float]) -> Row:
-    """The most accurate row that meets every bound (``bounds``: Bound.dest -> value); ``NoFit`` if none."""
+    """The most accurate row that meets every bound (``bounds``: Bound.dest -> value); ``NoFit`` if none. Rows
+    need the columns of the bounds given; ties are broken on the costs the rows have."""
     acc = accuracy_key(rows)
     feasible = [row for row in rows if fits(row, bounds)]
     if not feasible:
         raise NoFit(_no_fit_message(rows, bounds))
-    return min(feasible, key=lambda row: _preference(row, acc))
+    costs = _costs(rows)
+    return min(feasible, key=lambda row: _preference(row, acc, costs))
 
 
 def _no_fit_message(rows: Sequence[Row], bounds: Dict[str, float]) -> str:

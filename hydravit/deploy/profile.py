@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parser.parse_args(argv)
     try:
         accuracy = _check_args(args)
-        session = create_session(args, all_heads=True)
+        session = create_session(args, trained_only=True)
         loader = create_eval_loader(session, create_eval_dataset(session)) if args.data else None
         if accuracy is not None:
             _check_accuracy_covers(accuracy, session.heads, args.accuracy)
@@ -140,6 +140,7 @@ def _model_info(session: EvalSession) -> dict:
         'use_ema': bool(args.use_ema),
         'num_classes': model.num_classes,
         'num_heads': model.num_heads,
+        'trained_heads': model.trained_heads,  # null: random weights or no record
         'separate_classifiers': model.separate_classifiers,
         'input_size': list(session.input_size),
         'batch_size': args.batch_size,

@@ -1,22 +1,25 @@
-"""Elastic runtime: run each batch at the largest head count that holds a latency budget.
+"""Elastic runtime: run each batch at the most accurate trained head count that holds a latency budget.
 
 ``ElasticRunner(model, latency_budget_ms)`` is a callable. Every call is timed with the evaluation
 core's ``time_call`` (CUDA events on GPU, i.e. synchronized; a clock elsewhere) and fed to a
-``HeadController``, which picks the k of the next call. Latencies are carried across head counts by
-relative costs c(k): a profile's latency medians, or without one c(k) = k² (the linear layers' MACs
-grow with the square of the width), which errs on the cautious side when stepping up.
+``HeadController``, which picks the k of the next call. It serves only the k the model was trained on
+(or ``heads``), less any k a profile puts under ``min_top1``. Latencies are carried across head counts
+by costs: per k, a running low quantile of that k's own calls; a profile's latency medians, or without
+one k² (the linear layers' MACs grow with the square of the width), only seed the k not yet run.
 
 * Step down as soon as calls run over: when the p90 of the calls at the current k (the last
   ``window`` of them) is over the budget -- 3 of 20 calls over, or already 1 of a k's first 9 --
-  go straight to the largest k whose predicted latency is ``headroom`` (15 %) under the budget.
-* Step up after a full window with headroom: to the largest k whose predicted p90 (the window's
-  p90 scaled by c) is ``up_margin`` (5 %) under the budget. When the window has the full headroom
-  but the scaled prediction rules every larger k out, try the next k if it fits with its cost added
-  as a fixed delay instead: CPU time-slicing adds a delay per call rather than scaling it.
+  go straight to the most accurate k whose predicted latency is ``headroom`` (15 %) under the budget.
+  The smallest allowed k is the floor: when nothing fits, it serves there, over budget.
+* Step up after a full window with headroom: to the most accurate k whose predicted p90 (the
+  window's p90 scaled by the costs) is ``up_margin`` (5 %) under the budget. When the window has the
+  full headroom but the scaled prediction rules every larger k out, try the next k if it fits with its
+  cost added as a fixed delay instead: CPU time-slicing adds a delay per call rather than scaling it.
 * Hysteresis: entering a k needs that margin and leaving it needs its p90 over the budget, so a
   steady load settles on one k. A k just left is blocked for ``backoff_s`` (0.5 s), doubling on each
   quick repeat up to ``max_backoff_s``; a prediction of the full headroom at that k lifts the block,
-  so the runner climbs back as soon as a load ends.
+  so the runner climbs back as soon as a load ends. Learned costs make that prediction right after a load:
+  the k held before it kept its measured cost, where k² would overstate it.
 
 On CUDA, ``cuda_graph=True`` serves every call by replaying a CUDA graph of its k (``evaluation.cuda_graph``): one
 graph per k of the runner, all captured at construction from ``example_input``, so no served call ever pays a
@@ -47,12 +50,20 @@ ProfileLike = Union[str, dict, Sequence[Row]]
 
 
 class HeadController:
-    """The decision rule alone: latencies in, head count out (no model, no timing)."""
+    """The decision rule alone: latencies in, head count out (no model, no timing).
+
+    ``costs``: the seed latency per k (ms, e.g. a profile's medians; default k²). The controller replaces them
+    with what it measures: each time it enters a k, the first call there against the last call at the k it came
+    from, two calls under the same load, gives that k's cost relative to the other's (the median of the last
+    ``samples`` such measurements per k); the seed is only scaled for the k it has not run yet. So a k measured
+    before a load and a k measured under it are comparable, and after a load the runner returns to the k it held.
+    ``accuracy``: top-1 per k; among the k that fit, the most accurate is chosen (without it: the largest).
+    """
 
     def __init__(self, heads: Sequence[int], budget_ms: float, costs: Optional[Dict[int, float]] = None,
                  start: Optional[int] = None, window: int = 20, quantile: float = 0.9, headroom: float = 0.15,
                  up_margin: float = 0.05, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 stable_s: float = 10.0) -> None:
+                 stable_s: float = 10.0, accuracy: Optional[Dict[int, float]] = None) -> None:
         if budget_ms <= 0:
             raise ValueError(f'latency budget must be > 0 ms, got {budget_ms}')
         if window < 2 or not 0 < quantile < 1 or not 0 <= headroom < 1:
@@ -60,9 +71,14 @@ class HeadController:
                              f'{headroom}')
         self.heads = sorted(heads)
         self.budget_ms = float(budget_ms)
-        self.costs = dict(costs) if costs else {k: float(k * k) for k in self.heads}
-        if any(k not in self.costs for k in self.heads):
-            raise ValueError(f'costs must cover every head count {self.heads}, got {sorted(self.costs)}')
+        seeds = dict(costs) if costs else {k: float(k * k) for k in self.heads}
+        if any(k not in seeds for k in self.heads):
+            raise ValueError(f'costs must cover every head count {self.heads}, got {sorted(seeds)}')
+        self.seed_costs = {k: float(seeds[k]) for k in self.heads}
+        self.learned: Dict[int, Deque[float]] = {}  # per k: its cost (ms) measured at each entry
+        self.samples = 5
+        self._entered_from: Optional[Tuple[int, float]] = None  # (k, latency of its last call) at the last switch
+        self.rank = {k: (accuracy[k] if accuracy else k, -k) for k in self.heads}  # larger is preferred
         self.window, self.quantile, self.headroom = window, quantile, headroom
         self.up_margin = up_margin
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
@@ -74,6 +90,7 @@ class HeadController:
         self._since = float('-inf')  # when the current k was entered
         self._blocked_until: Dict[int, float] = {}
         self._backoff: Dict[int, float] = {}
+        self._costs: Optional[Dict[int, float]] = None  # the cost table, rebuilt after each call
 
     def update(self, latency_ms: float, now: float) -> int:
         """Record one call at the current k (``now``: seconds) and return the k for the next call."""
@@ -81,23 +98,61 @@ class HeadController:
             self._over -= self._recent[0] > self.budget_ms
         self._recent.append(latency_ms)
         self._over += latency_ms > self.budget_ms
+        self._learn(latency_ms)
         if self._over > int(len(self._recent) * (1 - self.quantile) + 1e-9):  # the p90 of the calls so far is over
             self._step_down(now)
         elif len(self._recent) == self.window:
             self._step_up(now)
         return self.k
 
+    def _learn(self, latency_ms: float) -> None:
+        """The first call at a k: its cost relative to the k the runner came from (the very first call sets the
+        scale)."""
+        if self._entered_from is None and self.learned:
+            return
+        if self._entered_from is None:
+            cost = latency_ms
+        else:
+            previous, previous_ms = self._entered_from
+            cost = self.costs[previous] * latency_ms / previous_ms
+        self.learned.setdefault(self.k, deque(maxlen=self.samples)).append(cost)
+        self._entered_from, self._costs = None, None
+
+    @property
+    def costs(self) -> Dict[int, float]:
+        """Latency per k (ms, at the load of the first call): the median of the k's own measurements where it has
+        run, else the seed scaled to the nearest k that has (the one below, else above) and capped by the next
+        measured k above; made non-decreasing in k, since a larger k never costs less."""
+        if self._costs is None:
+            known = {k: float(np.median(values)) for k, values in self.learned.items()}
+            table, previous = {}, 0.
+            for k in self.heads:
+                if k in known:
+                    cost = known[k]
+                else:
+                    below = [j for j in known if j < k]
+                    ref = max(below) if below else min(known, default=None)
+                    cost = self.seed_costs[k] if ref is None else known[ref] * self.seed_costs[k] / self.seed_costs[ref]
+                    cost = min([cost] + [known[j] for j in known if j > k])
+                previous = table[k] = max(cost, previous)
+            self._costs = table
+        return self._costs
+
     def predicted_ms(self, latency_ms: float, k: int) -> float:
         """``latency_ms`` measured at the current k, scaled to k by the relative costs."""
-        return latency_ms * self.costs[k] / self.costs[self.k]
+        costs = self.costs
+        return latency_ms * costs[k] / costs[self.k]
 
     def _target_ms(self) -> float:
         return self.budget_ms * (1 - self.headroom)
 
+    def _best(self, candidates: Sequence[int]) -> int:
+        return max(candidates, key=self.rank.__getitem__)
+
     def _step_down(self, now: float) -> None:
         lower = [k for k in self.heads if k < self.k]
         if not lower:
-            return
+            return  # the smallest allowed k: it keeps serving, over budget, and never goes below the set
         # Back off before trying this k again: briefly after a long stay, twice as long after each quick failure.
         stable = now - self._since >= self.stable_s
         backoff = self.backoff_s if stable else min(2 * self._backoff.get(self.k, self.backoff_s / 2),
@@ -107,7 +162,7 @@ class HeadController:
         recent = sorted(list(self._recent)[-3:])  # the latest calls, the one that ran over among them
         estimate = recent[len(recent) // 2]
         fitting = [k for k in lower if self.predicted_ms(estimate, k) <= self._target_ms()]
-        self._switch(fitting[-1] if fitting else lower[0], now)
+        self._switch(self._best(fitting) if fitting else lower[0], now)
 
     def _step_up(self, now: float) -> None:
         blocked = [k for k, until in self._blocked_until.items() if until > now and k > self.k]
@@ -121,12 +176,14 @@ class HeadController:
         if not fitting and larger and larger[0] < ceiling and p <= self._target_ms():
             # Clear headroom here, yet the scaled prediction says no: a load that adds a fixed delay per call
             # (CPU time-slicing) inflates that prediction. Try the next k if it fits with the delay added instead.
-            if p + self.costs[larger[0]] - self.costs[self.k] <= entry_ms:
+            costs = self.costs
+            if p + costs[larger[0]] - costs[self.k] <= entry_ms:
                 fitting = larger[:1]
-        if fitting:
-            self._switch(fitting[-1], now)
+        if fitting and self.rank[self._best(fitting)] > self.rank[self.k]:
+            self._switch(self._best(fitting), now)
 
     def _switch(self, k: int, now: float) -> None:
+        self._entered_from = (self.k, self._recent[-1])
         self.k, self._since = k, now
         self._recent.clear()
         self._over = 0
@@ -135,27 +192,39 @@ class HeadController:
 class ElasticRunner:
     """Callable that runs ``model`` at a head count chosen to keep the recent p90 latency within budget.
 
-    ``model``: any module with ``set_heads(k)`` and ``num_heads`` (a HydraViT). ``heads``: the head
-    counts it may use (default: all the model can run). ``profile``: a profile (file, object, or rows
-    with ``heads`` and latency columns) that gives the relative costs and the start: the most accurate
-    k whose profiled p90 is within the budget less ``up_margin`` (without accuracies: the largest such
-    k), else the smallest k.
-    Without a profile it starts at the largest k. ``runner.active_heads`` is the current k and
-    ``runner.history`` holds ``(seconds since creation, k, latency_ms)`` per call (the last
-    ``max_history``). Calls are not thread-safe; wrap them in ``torch.inference_mode()`` as usual.
+    ``model``: any module with ``set_heads(k)`` and ``num_heads`` (a HydraViT). ``heads``: the head counts it
+    may serve; default: those the model was trained on (``model.trained_heads``, set when hydravit loads a
+    training checkpoint), else the profile's; never every k by default, since a width outside training answers at
+    chance. ``profile``: a profile (file, object, or rows with ``heads`` and latency columns, optionally
+    ``top1``) that seeds the costs and gives the start: the most accurate k whose profiled p90 is within the
+    budget less ``up_margin`` (without accuracies: the largest such k), else the smallest k. Without a profile it
+    starts at the largest k and seeds the costs with k². Either way the costs are then learned from the runner's
+    own calls (``HeadController``).
+
+    ``min_top1``: drop every k whose profiled top-1 (%) is below it; needs a profile with ``top1``. When no
+    allowed k fits the budget the runner serves the smallest allowed k and those calls count as over budget: it
+    never steps below the floor.
+
+    ``runner.active_heads`` is the current k and ``runner.history`` holds ``(seconds since creation, k,
+    latency_ms)`` per call (the last ``max_history``). Calls are not thread-safe; wrap them in
+    ``torch.inference_mode()`` as usual.
 
     ``forward``: what one call runs on its input (default ``model(x)``), e.g. the model under ``torch.autocast``.
     ``cuda_graph``: serve from one CUDA graph per k, all captured here from ``example_input`` (a batch of the shape,
-    dtype and device every call will have); calls then take that one tensor and return a fresh output tensor. Raises
-    ``ValueError`` without ``example_input`` or off CUDA. ``graph_backend`` replaces the CUDA capture (tests).
+    dtype and device every call will have); calls then take that one tensor and return a fresh output tensor.
+    ``graph_backend`` replaces the CUDA capture (tests).
+
+    Raises ``TypeError`` for a model without ``set_heads``; ``ValueError`` for a bad head set, no head set to
+    default to, a floor without profiled accuracies or one no k reaches, ``cuda_graph`` without
+    ``example_input`` or off CUDA.
     """
 
     def __init__(self, model, latency_budget_ms: float, heads: Optional[Sequence[int]] = None,
-                 profile: Optional[ProfileLike] = None, *, window: int = 20, quantile: float = 0.9,
-                 headroom: float = 0.15, up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
-                 max_history: Optional[int] = 100_000, forward: Optional[Callable[..., Any]] = None,
-                 cuda_graph: bool = False, example_input: Optional[torch.Tensor] = None,
-                 graph_backend: Optional[GraphBackend] = None) -> None:
+                 profile: Optional[ProfileLike] = None, *, min_top1: Optional[float] = None, window: int = 20,
+                 quantile: float = 0.9, headroom: float = 0.15, up_margin: float = 0.05,
+                 clock: Callable[[], float] = time.perf_counter, max_history: Optional[int] = 100_000,
+                 forward: Optional[Callable[..., Any]] = None, cuda_graph: bool = False,
+                 example_input: Optional[torch.Tensor] = None, graph_backend: Optional[GraphBackend] = None) -> None:
         if not (hasattr(model, 'set_heads') and hasattr(model, 'num_heads')):
             raise TypeError('ElasticRunner needs a model with set_heads(k) and num_heads (e.g. a HydraViT)')
         if cuda_graph and example_input is None:
@@ -163,11 +232,15 @@ class ElasticRunner:
                              'have (the graphs are captured from it at construction)')
         self.model = model
         self.forward = forward if forward is not None else model
-        heads = sorted(parse_heads(heads if heads is not None else _runnable(model), model.num_heads, 'heads'))
+        rows = _latency_rows(profile) if profile is not None else None
+        heads = sorted(parse_heads(_default_heads(model, heads, rows), model.num_heads, 'heads'))
+        accuracy = _accuracy(rows, heads) if rows is not None else None
+        self.dropped = _below_floor(accuracy, min_top1) if min_top1 is not None else []
+        heads = [k for k in heads if k not in self.dropped]
         entry_ms = latency_budget_ms * (1 - up_margin)  # the runner enters a k only with this margin
-        costs, start = _from_profile(profile, heads, entry_ms) if profile is not None else (None, None)
+        costs, start = _from_profile(rows, heads, entry_ms) if rows is not None else (None, None)
         self.controller = HeadController(heads, latency_budget_ms, costs, start, window, quantile, headroom,
-                                         up_margin)
+                                         up_margin, accuracy=accuracy and {k: accuracy[k] for k in heads})
         self.clock = clock
         self.device = _device_of(model)
         self.history: Deque[Tuple[float, int, float]] = deque(maxlen=max_history)
@@ -219,8 +292,38 @@ def _nearest_rank(ranked: Sequence[float], quantile: float) -> float:
     return ranked[max(0, math.ceil(quantile * len(ranked) - 1e-9) - 1)]
 
 
-def _runnable(model) -> List[int]:
-    return list(getattr(model, 'separate_classifiers', None) or range(1, model.num_heads + 1))
+def _default_heads(model, heads: Optional[Sequence[int]], rows: Optional[List[Row]]) -> List[int]:
+    if heads is not None:
+        return list(heads)
+    trained = getattr(model, 'trained_heads', None)
+    if trained:
+        return list(trained)
+    if rows is not None:
+        return [row['heads'] for row in rows]
+    raise ValueError('heads: the model records no trained head counts and no profile was given; pass heads=[...] '
+                     '(the k it was trained on): the runner never serves every k by default')
+
+
+def _accuracy(rows: List[Row], heads: Sequence[int]) -> Optional[Dict[int, float]]:
+    """Profiled top-1 per k of ``heads``, or None when the profile has no accuracies."""
+    by_k = {row['heads']: row for row in rows}
+    missing = [k for k in heads if k not in by_k]
+    if missing:
+        raise ValueError(f'profile has no latency for heads {missing}')
+    if rows[0].get('top1') is None:
+        return None
+    return {k: float(by_k[k]['top1']) for k in heads}
+
+
+def _below_floor(accuracy: Optional[Dict[int, float]], min_top1: float) -> List[int]:
+    """The k under the accuracy floor; ``ValueError`` without accuracies or when every k is under it."""
+    if accuracy is None:
+        raise ValueError('min_top1 needs a profile with top1 for every k (profile with DATA or --accuracy)')
+    below = sorted(k for k, top1 in accuracy.items() if top1 < min_top1)
+    if len(below) == len(accuracy):
+        best = max(accuracy, key=accuracy.__getitem__)
+        raise ValueError(f'min_top1 {min_top1:g}: no head count reaches it (best: {accuracy[best]:g} % at k={best})')
+    return below
 
 
 def _device_of(model) -> torch.device:
@@ -229,9 +332,8 @@ def _device_of(model) -> torch.device:
     return first.device if first is not None else torch.device('cpu')
 
 
-def _from_profile(profile: ProfileLike, heads: Sequence[int], entry_ms: float) -> Tuple[Dict[int, float], int]:
-    """(relative cost per k, start k): the most accurate k whose profiled p90 is within ``entry_ms``."""
-    rows = _latency_rows(profile)
+def _from_profile(rows: List[Row], heads: Sequence[int], entry_ms: float) -> Tuple[Dict[int, float], int]:
+    """(seed cost per k in ms, start k): the most accurate k whose profiled p90 is within ``entry_ms``."""
     by_k = {row['heads']: row for row in rows}
     missing = [k for k in heads if k not in by_k]
     if missing:

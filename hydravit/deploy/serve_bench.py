@@ -1,69 +1,95 @@
-"""serve-bench: a stream of batches under a background CPU load that comes and goes, served once at
-the fixed largest k and once by the ElasticRunner.
+"""serve-bench: goodput of three serving policies on real labelled images under a background CPU load that comes
+and goes.
 
-    python -m hydravit.deploy serve-bench --model hydravit_dyn_patch4_32 -b 16 --budget-ms 20 \\
-        [--duration 35] [--load-schedule off:10 on:15 off:10] [--load-procs N] [-o output/serve-bench] \\
-        [--amp | --model-dtype bfloat16] [--cuda-graph]
+    python -m hydravit.deploy serve-bench DATA --checkpoint C [--use-ema] -b 16 --budget-ms 20 [--min-top1 A] \\
+        [--repeats 3] [--duration 35] [--load-schedule off:10 on:15 off:10] [--load-procs N] \\
+        [-o output/serve-bench] [--amp | --model-dtype bfloat16] [--cuda-graph]
 
-Before the runs, every k is timed at batch B without load (the evaluation core's
-``benchmark_latency``); those latencies are the runner's profile. Each run lasts ``--duration``
-seconds and follows the same load schedule. The report: share of calls within budget (overall, while
-the load is on, while it is off), mean k, the time the runner needs after each load ends to be back
-at the k it started from (the largest k that fits without load), and the runner's own cost per call
-(a runner around a model that does nothing, against the mean model call). Writes
-``serve_bench.json`` (settings, calibration, summaries, every call) and ``serve_bench.png``.
-With ``--cuda-graph`` (CUDA only) the calibration times graph replays and both runners serve from one CUDA graph
-per k, captured when the runner is built.
+DATA's validation images are replayed in batches of B, with their labels, back to back for ``--duration`` seconds
+while ``--load-procs`` busy-looping processes run during the schedule's ``on`` segments. Three policies serve the
+same schedule:
+
+* ``pick``: the fixed k that ``python -m hydravit.deploy pick`` chooses on this device without load: the most
+  accurate k whose p90 latency at batch B is within the budget (and whose top-1 meets ``--min-top1``);
+* ``largest``: the fixed largest k served;
+* ``elastic``: the ``ElasticRunner`` over the served k, with the ``--min-top1`` floor.
+
+The served k are those the checkpoint was trained on (or ``--heads``). Before the runs every k is calibrated on
+this device without load: latency at batch B (the runner's profile and pick's input) and top-1 on DATA. Per policy
+the report gives the share of calls within budget (overall, load on, load off), the accuracy of its answers,
+goodput (requests answered correctly and within the budget, over all requests; a request is one image, answered
+by its batch's call), the mean k, the time the runner needed after each load to be back at the k it held before,
+and the runner's own cost per call. ``--repeats N`` runs the whole schedule N times, the policies' order rotated,
+and reports mean +- std over the repeats. ``OUTPUT/serve_bench.json`` keeps the settings, the calibration, every
+call of every run and the summaries; ``OUTPUT/serve_bench.png`` plots the first repeat.
 """
 import argparse
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import atomic_write
 from ..evaluation import throughput
+from ..evaluation.accuracy import evaluate_heads
 from ..evaluation.common import (
     EvalSession,
     Row,
     UsageError,
     add_amp_args,
     autocast,
+    create_eval_dataset,
+    create_eval_loader,
     create_parser,
     create_session,
     round_row,
+    warn,
     write_results,
 )
 from ..evaluation.cuda_graph import GraphCache, heads_forward
 from ..evaluation.environment import device_info
 from .load import CpuLoad, Segment, load_on, load_windows, parse_schedule, total_seconds
+from .pick import NoFit, choose
 from .runtime import ElasticRunner
 
 DEFAULT_SCHEDULE = ('off:10', 'on:15', 'off:10')
-SUMMARY_KEYS = ('run', 'calls', 'within_budget', 'within_budget_load', 'within_budget_no_load', 'mean_k',
-                'mean_k_load', 'latency_ms_p90', 'recovery_s')
-History = List[Tuple[float, int, float]]
+POLICIES = ('pick', 'largest', 'elastic')
+# One call: seconds since the run started, k, latency (ms), correct answers, images in the batch.
+Call = Tuple[float, int, float, int, int]
+Batch = Tuple[torch.Tensor, torch.Tensor]
+SUMMARY_KEYS = ('policy', 'k', 'calls', 'images', 'within_budget', 'within_budget_load', 'within_budget_no_load',
+                'top1', 'top1_load', 'goodput', 'goodput_load', 'goodput_no_load', 'mean_k', 'mean_k_load',
+                'latency_ms_p90', 'recovery_s', 'runner_us_per_call', 'outside_heads')
+ROLLING_S = 2.  # the plot's rolling accuracy and goodput: over the calls of the last 2 s
 
 
 def create_serve_bench_parser() -> argparse.ArgumentParser:
-    parser = create_parser(__doc__, data_required=False, default_batch_size=1)
+    parser = create_parser(__doc__, data_required=True, default_batch_size=16)
     parser.prog = 'python -m hydravit.deploy serve-bench'
     add_amp_args(parser)
     throughput.add_serving_args(parser)
     group = parser.add_argument_group('Serving benchmark')
     group.add_argument('--budget-ms', type=float, required=True, metavar='MS', help='latency budget per batch')
+    group.add_argument('--min-top1', type=float, default=None, metavar='PCT',
+                       help='accuracy floor: no policy serves a k whose calibrated top-1 on DATA is below it')
+    group.add_argument('--repeats', type=int, default=1, metavar='N',
+                       help='run the whole schedule N times, the policies\' order rotated; mean +- std (default: 1)')
     group.add_argument('--duration', type=float, default=None, metavar='SEC',
                        help='seconds per run (default: the load schedule\'s length)')
     group.add_argument('--load-schedule', nargs='+', default=list(DEFAULT_SCHEDULE), metavar='STATE:SEC',
                        help='background load segments, on:SEC / off:SEC (default: off:10 on:15 off:10)')
     group.add_argument('--load-procs', type=int, default=None, metavar='N',
                        help='busy-looping processes while the load is on (default: one per CPU core)')
+    group.add_argument('--max-images', type=int, default=2048, metavar='N',
+                       help='replay a seeded random sample of at most N images of DATA, held in memory (default: '
+                            '2048)')
     group.add_argument('--calibration-time', type=float, default=0.5, metavar='SEC',
-                       help='seconds of timing per k before the runs (default: 0.5)')
+                       help='seconds of latency timing per k before the runs (default: 0.5)')
     group.add_argument('--log-every', type=float, default=5., metavar='SEC', help='seconds between progress lines')
     group.add_argument('-o', '--output', default='output/serve-bench', metavar='DIR',
                        help='folder for serve_bench.json and serve_bench.png (default: output/serve-bench)')
@@ -75,12 +101,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parser.parse_args(argv)
     try:
         schedule = _check_args(args)
-        session = create_session(args, all_heads=True)
-        batch = throughput.input_batch(session)
+        session = create_session(args, trained_only=True)
+        batches = replay_batches(session)
     except UsageError as e:
         parser.error(str(e))
     try:
-        result = run_benchmark(session, batch, schedule)
+        result = run_benchmark(session, batches, schedule)
+    except NoFit as e:
+        parser.error(f'--budget-ms / --min-top1: {e} (calibrated at batch {args.batch_size} without load)')
     except KeyboardInterrupt:
         print('serve-bench: interrupted; the background load is stopped', file=sys.stderr)
         raise SystemExit(130) from None
@@ -89,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     atomic_write(out / 'serve_bench.json', lambda tmp: tmp.write_text(json.dumps(result) + '\n'))
     png = plot_serve_bench(result, out / 'serve_bench.png')
     if args.results_file:
-        write_results(result['summary'], args.results_file, SUMMARY_KEYS)
+        write_results(result['summary'], args.results_file, _aggregate_keys())
     print(format_summary(result))
     print(f'Wrote {out / "serve_bench.json"} and {png}')
     return result
@@ -99,6 +127,12 @@ def _check_args(args: argparse.Namespace) -> List[Segment]:
     throughput.check_serving_args(args)
     if args.budget_ms <= 0:
         raise UsageError(f'--budget-ms must be > 0, got {args.budget_ms:g}')
+    if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
+        raise UsageError(f'--min-top1 is a top-1 in %, 0..100, got {args.min_top1:g}')
+    if args.max_images < 1:
+        raise UsageError(f'--max-images must be >= 1, got {args.max_images}')
+    if args.repeats < 1:
+        raise UsageError(f'--repeats must be >= 1, got {args.repeats}')
     try:
         schedule = parse_schedule(args.load_schedule)
     except ValueError as e:
@@ -123,62 +157,93 @@ def _cpu_cores() -> set:
     return os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
 
 
+def replay_batches(session: EvalSession) -> List[Batch]:
+    """A seeded random sample of DATA (``--max-images``, all of it when smaller) in a seeded random order, in
+    batches of ``-b`` with their labels, on the device and in the model's dtype: loaded once, so no call waits on
+    decoding, and every policy sees the same images in the same order (an image folder is read class by class,
+    and a policy that makes fewer calls would otherwise see fewer classes). The sample is cut to whole batches:
+    every call has the same shape, as a CUDA graph needs. ``UsageError`` when DATA has less than one batch."""
+    args = session.args
+    dataset = create_eval_dataset(session)
+    loader = create_eval_loader(session, dataset)  # gives the dataset the model's preprocessing
+    count = min(len(dataset), args.max_images) // args.batch_size * args.batch_size
+    if count == 0:
+        raise UsageError(f'-b/--batch-size {args.batch_size}: DATA has only {len(dataset)} images')
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
+    sample = DataLoader(Subset(loader.dataset, order), batch_size=args.batch_size, num_workers=args.workers)
+    batches = [(session.prepare_input(images), target.to(session.device)) for images, target in sample]
+    print(f'Replaying {count} of the {len(dataset)} images of {args.data} (seed {args.seed}) in {len(batches)} '
+          f'batches of {args.batch_size}', flush=True)
+    return batches
+
+
 # --- the benchmark ---------------------------------------------------------------------------------------
-def run_benchmark(session: EvalSession, batch: torch.Tensor, schedule: Sequence[Segment]) -> dict:
-    """Calibrate, then the fixed and the elastic run; returns everything the report and the plot need."""
-    args, model, heads = session.args, session.model, session.heads
+def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequence[Segment]) -> dict:
+    """Calibrate, choose the fixed policies' k, then ``--repeats`` rounds of the three policies; returns everything
+    the report and the plot need. Raises ``NoFit`` when no k fits the budget (and floor) without load."""
+    args = session.args
     forward = _forward(session)
-    calibration = calibrate(session, batch, forward)
+    calibration = calibrate(session, batches, forward)
     _warn_about_budget(calibration, args.budget_ms)
-    runs = {}
-    for name, run_heads in (('fixed', [max(heads)]), ('elastic', heads)):
-        runner = ElasticRunner(model, args.budget_ms, heads=run_heads, profile=calibration, max_history=None,
-                               forward=forward, cuda_graph=args.cuda_graph, example_input=batch)
-        start_k = runner.active_heads
-        _stream(runner, batch, args, schedule, name)
-        runs[name] = {'start_k': start_k, 'history': [list(entry) for entry in runner.history]}
-    overhead_us = runner_overhead_us(heads, args.budget_ms, calibration, batch)
-    target_k = runs['elastic']['start_k']  # the largest k that fits without load, per the calibration
-    summary = [summarize(name, run['history'], args.budget_ms, schedule, args.duration,
-                         target_k if name == 'elastic' else None) for name, run in runs.items()]
-    mean_call_ms = float(np.mean([ms for _, _, ms in runs['elastic']['history']]))
+    policies = policy_heads(calibration, args.budget_ms, args.min_top1)
+    print('Policies: ' + '; '.join(f'{name} k={" ".join(map(str, heads))}' for name, heads in policies.items()),
+          flush=True)
+    repeats = []
+    for r in range(args.repeats):
+        order = POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]
+        runs = {}
+        for name in order:
+            runner = ElasticRunner(session.model, args.budget_ms, heads=policies[name], profile=calibration,
+                                   min_top1=args.min_top1 if name == 'elastic' else None, max_history=None,
+                                   forward=forward, cuda_graph=args.cuda_graph, example_input=batches[0][0])
+            runs[name] = {'heads': runner.heads, 'start_k': runner.active_heads,
+                          'calls': _stream(runner, batches, args, schedule, f'{name} {r + 1}/{args.repeats}')}
+        repeats.append({'order': list(order), 'runs': runs})
+    overhead = {name: runner_overhead_us(heads, args.budget_ms, calibration, batches[0][0])
+                for name, heads in policies.items()}
+    for rep in repeats:
+        rep['summary'] = [summarize(name, rep['runs'][name]['calls'], args.budget_ms, schedule, args.duration,
+                                    rep['runs'][name]['heads'], overhead[name]) for name in POLICIES]
     return {
         'device': device_info(args, session.device),
-        'settings': {'model': args.model, 'batch_size': batch.shape[0], 'budget_ms': args.budget_ms,
-                     'duration_s': args.duration, 'load_schedule': args.load_schedule, 'load_procs': args.load_procs,
-                     'heads': heads, 'checkpoint': args.checkpoint or None,
+        'settings': {'model': args.model, 'checkpoint': args.checkpoint or None, 'data': str(args.data),
+                     'batch_size': args.batch_size, 'batches': len(batches), 'budget_ms': args.budget_ms,
+                     'min_top1': args.min_top1, 'duration_s': args.duration, 'repeats': args.repeats,
+                     'load_schedule': args.load_schedule, 'load_procs': args.load_procs, 'heads': session.heads,
                      'model_dtype': str(session.model_dtype).replace('torch.', ''), 'cuda_graph': args.cuda_graph},
         'calibration': calibration,
-        'summary': summary,
-        'overhead': {'runner_us_per_call': overhead_us, 'mean_call_ms': mean_call_ms,
-                     'share_of_call': overhead_us / 1e3 / mean_call_ms,
-                     'share_of_fastest_call': overhead_us / 1e3 / min(r['latency_ms_median'] for r in calibration)},
-        'runs': runs,
+        'policies': policies,
+        'summary': aggregate([rep['summary'] for rep in repeats]),
+        'repeats': repeats,
     }
 
 
-def _forward(session: EvalSession):
+def _forward(session: EvalSession) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast(session.args, session.device):
             return session.model(x)
     return forward
 
 
-def calibrate(session: EvalSession, batch: torch.Tensor, forward) -> List[Row]:
-    """Latency (median, p90) of every k at the stream's batch, without load: the runner's profile. With
-    ``--cuda-graph``, of graph replays (each k's graph is captured before it is timed and freed after)."""
+def calibrate(session: EvalSession, batches: Sequence[Batch], forward) -> List[Row]:
+    """Per served k, without load: latency (median, p90) at the stream's batch, the runner's profile, with
+    ``--cuda-graph`` of graph replays (each k's graph captured before it is timed and freed after); and top-1 (%)
+    on the replayed images (the evaluation core's one-pass validator)."""
     args, model = session.args, session.model
+    batch = batches[0][0]
     print(f'Calibrating {args.model} at batch {batch.shape[0]} on {session.device}: heads {session.heads}'
           f'{" (CUDA graphs)" if args.cuda_graph else ""}', flush=True)
+    accuracy = evaluate_heads(model, batches, session.heads, session.device,
+                              amp_autocast=lambda: autocast(args, session.device), prepare_input=lambda x: x)
     rows = []
     with torch.inference_mode():
-        for k in session.heads:
+        for k, acc in zip(session.heads, accuracy, strict=True):
             model.set_heads(k)
             stats = throughput.benchmark_latency(_calibration_call(session, k, batch, forward), session.device,
                                                  warmup=3, budget_s=args.calibration_time)
-            rows.append(round_row({'heads': k, **stats}))
+            rows.append(round_row({'heads': k, **stats, 'top1': acc['top1']}))
             print(f'  k={k:<3d} latency median {stats["latency_ms_median"]:8.3f} ms  p90 '
-                  f'{stats["latency_ms_p90"]:8.3f} ms', flush=True)
+                  f'{stats["latency_ms_p90"]:8.3f} ms  top-1 {acc["top1"]:6.2f} %', flush=True)
     return rows
 
 
@@ -194,28 +259,46 @@ def _calibration_call(session: EvalSession, k: int, batch: torch.Tensor, forward
 def _warn_about_budget(calibration: Sequence[Row], budget_ms: float) -> None:
     low, high = calibration[0]['latency_ms_p90'], calibration[-1]['latency_ms_p90']
     if not low < budget_ms < high:
-        print(f'note: the budget {budget_ms:g} ms is not between the p90 of the smallest k ({low:.3g} ms) and of '
-              f'the largest ({high:.3g} ms) without load; the comparison is most telling when it is', flush=True)
+        warn(f'the budget {budget_ms:g} ms is not between the p90 of the smallest k ({low:.3g} ms) and of the '
+             f'largest ({high:.3g} ms) without load; the comparison is most telling when it is')
 
 
-def _stream(runner: ElasticRunner, batch: torch.Tensor, args: argparse.Namespace,
-            schedule: Sequence[Segment], name: str) -> None:
-    """Back-to-back calls for ``args.duration`` seconds while the load follows ``schedule``."""
-    print(f'[{name}] {args.duration:g} s, heads {runner.heads}, budget {args.budget_ms:g} ms, load '
+def policy_heads(calibration: Sequence[Row], budget_ms: float, min_top1: Optional[float]) -> Dict[str, List[int]]:
+    """The k each policy may serve: pick's choice for the budget (``pick.choose`` on the calibration), the largest
+    k at or above the floor, and every k for the runner (which applies the floor itself)."""
+    bounds = {'max_latency_ms': budget_ms, **({'min_top1': min_top1} if min_top1 is not None else {})}
+    chosen = choose(calibration, bounds)['heads']
+    allowed = [row['heads'] for row in calibration if min_top1 is None or row['top1'] >= min_top1]
+    if not allowed:
+        best = max(calibration, key=lambda row: row['top1'])
+        raise NoFit(f'--min-top1 {min_top1:g}: no k reaches it (best: {best["top1"]:g} % at k={best["heads"]})')
+    return {'pick': [chosen], 'largest': [max(allowed)], 'elastic': [row['heads'] for row in calibration]}
+
+
+def _stream(runner: ElasticRunner, batches: Sequence[Batch], args: argparse.Namespace,
+            schedule: Sequence[Segment], label: str) -> List[Call]:
+    """Back-to-back calls over the replayed batches for ``args.duration`` seconds while the load follows
+    ``schedule``; returns every call."""
+    print(f'[{label}] {args.duration:g} s, heads {runner.heads}, budget {args.budget_ms:g} ms, load '
           f'{" ".join(args.load_schedule)} with {args.load_procs} processes', flush=True)
+    calls: List[Call] = []
     next_log, logged = args.log_every, 0
     with CpuLoad(schedule, args.load_procs) as load, torch.inference_mode():  # the runner's forward autocasts
         while (t := runner.clock() - runner.t0) < args.duration:
             load.update(t)
-            runner(batch)
+            images, target = batches[len(calls) % len(batches)]
+            logits = runner(images)
+            t_call, k, ms = runner.history[-1]
+            calls.append((t_call, k, ms, int((logits.argmax(-1) == target).sum()), target.shape[0]))
             if t >= next_log:
-                recent = list(runner.history)[logged:]
-                logged = len(runner.history)
-                within = np.mean([ms <= args.budget_ms for _, _, ms in recent])
-                print(f'[{name}] {t:5.1f}/{args.duration:g} s  load {"on " if load.running else "off"}  '
-                      f'k={runner.active_heads:<3d} calls {len(runner.history):6d}  within budget {within:6.1%} '
-                      f'(last {args.log_every:g} s)', flush=True)
+                recent = summarize_calls(calls[logged:], args.budget_ms)
+                logged = len(calls)
+                print(f'[{label}] {t:5.1f}/{args.duration:g} s  load {"on " if load.running else "off"}  '
+                      f'k={runner.active_heads:<3d} calls {len(calls):6d}  last {args.log_every:g} s: within '
+                      f'budget {recent["within_budget"]:5.1f} %  top-1 {recent["top1"]:5.1f} %  goodput '
+                      f'{recent["goodput"]:5.1f} %', flush=True)
                 next_log += args.log_every
+    return calls
 
 
 class _NoOpModel:
@@ -240,87 +323,168 @@ def runner_overhead_us(heads: Sequence[int], budget_ms: float, calibration: Sequ
 
 
 # --- the report ------------------------------------------------------------------------------------------
-def summarize(name: str, history: History, budget_ms: float, schedule: Sequence[Segment], duration: float,
-              target_k: Optional[int] = None) -> Row:
-    """Share within budget, mean k, p90 and, given ``target_k``, the longest time it took after a load ended to be
-    back at ``target_k`` (None when it never was)."""
-    on = [load_on(schedule, t) for t, _, _ in history]
-    ks = np.array([k for _, k, _ in history], dtype=float)
-    within = np.array([ms <= budget_ms for _, _, ms in history])
-    on = np.array(on, dtype=bool)
-    ends = [end for _, end in load_windows(schedule) if end < duration] if target_k is not None else []
-    recovery = [_recovery(history, end, target_k) for end in ends]
+def summarize_calls(calls: Sequence[Call], budget_ms: float) -> Row:
+    """Shares (%) of a set of calls: within budget (of calls), top-1 and goodput (of the images they answered)."""
+    if not calls:
+        return {'within_budget': None, 'top1': None, 'goodput': None}
+    ms, correct, images = (np.array(col, dtype=float) for col in list(zip(*calls, strict=True))[2:])
+    within = ms <= budget_ms
+    return {'within_budget': 100. * within.mean(), 'top1': 100. * correct.sum() / images.sum(),
+            'goodput': 100. * correct[within].sum() / images.sum()}
+
+
+def summarize(name: str, calls: Sequence[Call], budget_ms: float, schedule: Sequence[Segment], duration: float,
+              heads: Sequence[int], runner_us: Optional[float] = None) -> Row:
+    """One policy's run: shares overall, with the load on and off; mean k; p90; recovery (the runner only)."""
+    on = np.array([load_on(schedule, call[0]) for call in calls], dtype=bool)
+    ks = np.array([call[1] for call in calls], dtype=float)
+    parts = {'': summarize_calls(calls, budget_ms),
+             '_load': summarize_calls([c for c, o in zip(calls, on, strict=True) if o], budget_ms),
+             '_no_load': summarize_calls([c for c, o in zip(calls, on, strict=True) if not o], budget_ms)}
+    ends = [(start, end) for start, end in load_windows(schedule) if end < duration]
+    recovery = [_recovery(calls, start, end) for start, end in ends] if len(heads) > 1 else []
     return round_row({
-        'run': name,
-        'calls': len(history),
-        'within_budget': float(within.mean()),
-        'within_budget_load': float(within[on].mean()) if on.any() else None,
-        'within_budget_no_load': float(within[~on].mean()) if (~on).any() else None,
+        'policy': name,
+        'k': heads[0] if len(heads) == 1 else None,
+        'calls': len(calls),
+        'images': int(sum(call[4] for call in calls)),
+        **{f'within_budget{suffix}': part['within_budget'] for suffix, part in parts.items()},
+        'top1': parts['']['top1'], 'top1_load': parts['_load']['top1'],
+        **{f'goodput{suffix}': part['goodput'] for suffix, part in parts.items()},
         'mean_k': float(ks.mean()),
         'mean_k_load': float(ks[on].mean()) if on.any() else None,
-        'latency_ms_p90': float(np.percentile([ms for _, _, ms in history], 90)),
+        'latency_ms_p90': float(np.percentile([call[2] for call in calls], 90)),
         'recovery_s': max(recovery) if recovery and None not in recovery else None,
+        'runner_us_per_call': runner_us,
+        'outside_heads': int(sum(call[1] not in heads for call in calls)),
     })
 
 
-def _recovery(history: History, load_end: float, target_k: int) -> Optional[float]:
-    """Seconds from ``load_end`` to the first call at ``target_k`` or above (None if it never gets there)."""
-    return next((t - load_end for t, k, _ in history if t >= load_end and k >= target_k), None)
+def _recovery(calls: Sequence[Call], load_start: float, load_end: float) -> Optional[float]:
+    """Seconds from ``load_end`` to the first call back at the k served just before the load began (None if it
+    never gets there, or nothing ran before the load)."""
+    before = [call[1] for call in calls if call[0] < load_start]
+    if not before:
+        return None
+    return next((t - load_end for t, k, *_ in calls if t >= load_end and k >= before[-1]), None)
+
+
+def aggregate(summaries: Sequence[Sequence[Row]]) -> List[Row]:
+    """Per policy, the mean and the sample std (``KEY_std``; 0 for one repeat) of every numeric column over the
+    repeats; a column that is None in any repeat stays None."""
+    rows = []
+    for name in POLICIES:
+        runs = [row for summary in summaries for row in summary if row['policy'] == name]
+        out: Row = {'policy': name, 'repeats': len(runs)}
+        for key in SUMMARY_KEYS[1:]:
+            values = [run[key] for run in runs]
+            if any(v is None for v in values):
+                out[key], out[f'{key}_std'] = None, None
+            else:
+                out[key] = float(np.mean(values))
+                out[f'{key}_std'] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.
+        rows.append(round_row(out))
+    return rows
+
+
+def _aggregate_keys() -> List[str]:
+    return ['policy', 'repeats'] + [name for key in SUMMARY_KEYS[1:] for name in (key, f'{key}_std')]
 
 
 SUMMARY_COLUMNS = (  # key, header, format of a present value
-    ('run', 'run', '{}'), ('calls', 'calls', '{:d}'), ('within_budget', 'within', '{:.1%}'),
-    ('within_budget_load', 'load on', '{:.1%}'), ('within_budget_no_load', 'load off', '{:.1%}'),
-    ('mean_k', 'mean k', '{:.2f}'), ('mean_k_load', 'k load', '{:.2f}'), ('latency_ms_p90', 'p90 ms', '{:.2f}'),
-    ('recovery_s', 'recovery s', '{:.2f}'),
+    ('k', 'k', '{:.0f}'), ('calls', 'calls', '{:.0f}'), ('within_budget', 'within %', '{:.1f}'),
+    ('within_budget_load', 'load on', '{:.1f}'), ('within_budget_no_load', 'load off', '{:.1f}'),
+    ('top1', 'top-1 %', '{:.2f}'), ('goodput', 'goodput %', '{:.1f}'), ('goodput_load', 'load on', '{:.1f}'),
+    ('goodput_no_load', 'load off', '{:.1f}'), ('mean_k', 'mean k', '{:.2f}'), ('mean_k_load', 'k load', '{:.2f}'),
+    ('recovery_s', 'recovery s', '{:.2f}'), ('runner_us_per_call', 'runner us', '{:.1f}'),
 )
 
 
+def _cell(row: Row, key: str, fmt: str) -> str:
+    if row[key] is None:
+        return '-'
+    spread = row.get(f'{key}_std')
+    return fmt.format(row[key]) + (f' ± {fmt.format(spread)}' if row['repeats'] > 1 and spread else '')
+
+
 def format_summary(result: dict) -> str:
-    settings, device, overhead = result['settings'], result['device'], result['overhead']
-    table = [[title for _, title, _ in SUMMARY_COLUMNS]]
-    table += [['-' if row[key] is None else fmt.format(row[key]) for key, _, fmt in SUMMARY_COLUMNS]
-              for row in result['summary']]
-    widths = [max(len(line[i]) for line in table) for i in range(len(SUMMARY_COLUMNS))]
+    """The aggregated table, one line per policy, then the targets' comparison of the runner against pick."""
+    settings, device = result['settings'], result['device']
+    table = [['policy'] + [title for _, title, _ in SUMMARY_COLUMNS]]
+    table += [[row['policy']] + [_cell(row, key, fmt) for key, _, fmt in SUMMARY_COLUMNS] for row in result['summary']]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    floor = 'none' if settings['min_top1'] is None else f'{settings["min_top1"]:g} %'
     lines = [f'Budget {settings["budget_ms"]:g} ms at batch {settings["batch_size"]} on {device["name"]} '
-             f'({device["threads"]} threads); load {" ".join(settings["load_schedule"])}, '
-             f'{settings["load_procs"]} processes']
+             f'({device["threads"]} threads); load {" ".join(settings["load_schedule"])}, {settings["load_procs"]} '
+             f'processes; {settings["repeats"]} repeat(s), mean ± std; top-1 floor {floor}']
     lines += ['  '.join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
-    lines.append(f'runner overhead: {overhead["runner_us_per_call"]:.1f} us per call = '
-                 f'{overhead["share_of_call"]:.3%} of the mean call ({overhead["mean_call_ms"]:.2f} ms), '
-                 f'{overhead["share_of_fastest_call"]:.3%} of the fastest k\'s')
+    lines += targets(result)
     return '\n'.join(lines)
 
 
+def targets(result: dict) -> List[str]:
+    """The runner against pick's fixed k: goodput under load (above?), without load (within 1 p.p.?), and calls at
+    a k outside the served set."""
+    by = {row['policy']: row for row in result['summary']}
+    elastic, fixed = by['elastic'], by['pick']
+    lines = []
+    for key, what, holds in (('goodput_load', 'under load', lambda d: d > 0),
+                             ('goodput_no_load', 'without load', lambda d: d >= -1.)):
+        if elastic[key] is None or fixed[key] is None:
+            continue
+        diff = elastic[key] - fixed[key]
+        target = 'above pick' if key == 'goodput_load' else 'within 1 p.p. of pick'
+        lines.append(f'goodput {what}: elastic {elastic[key]:.1f} % vs pick (k={fixed["k"]:.0f}) {fixed[key]:.1f} % '
+                     f'({diff:+.1f} p.p.; target {target}: {"met" if holds(diff) else "MISSED"})')
+    outside = sum(row['outside_heads'] for row in result['summary'])
+    lines.append(f'calls at a k outside the served set: {outside:.0f} '
+                 f'(target 0: {"met" if outside == 0 else "MISSED"})')
+    return lines
+
+
+def rolling(calls: Sequence[Call], budget_ms: float, seconds: float = ROLLING_S) -> Tuple[np.ndarray, ...]:
+    """(t, top-1 %, goodput %) over the calls of the last ``seconds`` before each call."""
+    t, ms, correct, images = (np.array([call[i] for call in calls], dtype=float) for i in (0, 2, 3, 4))
+    cum = [np.concatenate([[0.], np.cumsum(v)]) for v in (correct, correct * (ms <= budget_ms), images)]
+    end = np.arange(1, len(t) + 1)
+    start = np.searchsorted(t, t - seconds, side='right')
+    n = cum[2][end] - cum[2][start]
+    return t, 100. * (cum[0][end] - cum[0][start]) / n, 100. * (cum[1][end] - cum[1][start]) / n
+
+
 def plot_serve_bench(result: dict, path, dpi: int = 80) -> Path:
-    """Latency per call (top) and k per call (bottom) over time, both runs, load periods shaded."""
+    """The first repeat: latency per call, k per call, rolling top-1 and goodput, per policy; load shaded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     settings, budget = result['settings'], result['settings']['budget_ms']
-    fig = Figure(figsize=(11, 6), dpi=dpi, layout='constrained')
+    fig = Figure(figsize=(11, 8), dpi=dpi, layout='constrained')
     FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    styles = {'fixed': dict(color='tab:red', label=f'fixed k={max(settings["heads"])}'),
-              'elastic': dict(color='tab:blue', label='ElasticRunner')}
-    for name, run in result['runs'].items():
-        t, k, ms = (np.array(col) for col in zip(*run['history'], strict=True))
-        top.plot(t, ms, '.', markersize=1.5, alpha=.4, **styles[name])
-        bottom.step(t, k, where='post', linewidth=1.2, **styles[name])
-    for ax in (top, bottom):
+    latency, heads, accuracy = fig.subplots(3, 1, sharex=True)
+    colors = {'pick': 'tab:orange', 'largest': 'tab:red', 'elastic': 'tab:blue'}
+    for name, run in result['repeats'][0]['runs'].items():
+        style = dict(color=colors[name], label=name + (f' k={run["heads"][0]}' if len(run['heads']) == 1 else ''))
+        t, acc, good = rolling(run['calls'], budget)
+        latency.plot(t, [call[2] for call in run['calls']], '.', markersize=1.5, alpha=.4, **style)
+        heads.step(t, [call[1] for call in run['calls']], where='post', linewidth=1.2, **style)
+        accuracy.plot(t, good, linewidth=1.2, **style)
+        accuracy.plot(t, acc, linewidth=.8, linestyle=':', color=colors[name])
+    for ax in (latency, heads, accuracy):
         for start, end in load_windows(parse_schedule(settings['load_schedule'])):
             ax.axvspan(start, min(end, settings['duration_s']), color='0.85', zorder=0)
         ax.grid(alpha=.3)
-    top.axhline(budget, color='k', linestyle='--', linewidth=1, label=f'budget {budget:g} ms')
-    top.set_yscale('log')  # the fixed k under load runs many times over the budget
-    top.set_ylabel('latency per call (ms, log)')
-    top.legend(loc='upper right', fontsize='small', markerscale=8)
-    bottom.set_ylabel('k (heads)')
-    bottom.set_xlabel(f'seconds (grey: {settings["load_procs"]} busy-looping processes)')
-    summary = {row['run']: row for row in result['summary']}
-    fig.suptitle(f'{settings["model"]}, batch {settings["batch_size"]}: within budget '
-                 f'{summary["fixed"]["within_budget"]:.0%} fixed vs {summary["elastic"]["within_budget"]:.0%} '
-                 f'elastic ({result["device"]["name"]})', fontsize='medium')
+    latency.axhline(budget, color='k', linestyle='--', linewidth=1, label=f'budget {budget:g} ms')
+    latency.set_yscale('log')  # a fixed k under load runs many times over the budget
+    latency.set_ylabel('latency per call (ms, log)')
+    latency.legend(loc='upper right', fontsize='small', markerscale=8)
+    heads.set_ylabel('k (heads)')
+    accuracy.set_ylabel(f'goodput (solid), top-1 (dotted)\n%, last {ROLLING_S:g} s')
+    accuracy.set_xlabel(f'seconds (grey: {settings["load_procs"]} busy-looping processes)')
+    by = {row['policy']: row for row in result['summary']}
+    fig.suptitle(f'{settings["model"]}, batch {settings["batch_size"]}, budget {budget:g} ms: goodput under load '
+                 + ', '.join(f'{name} {by[name]["goodput_load"]:.1f} %' for name in POLICIES
+                             if by[name]['goodput_load'] is not None)
+                 + f' ({result["device"]["name"]}; first of {settings["repeats"]} repeats)', fontsize='medium')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -212,11 +212,12 @@ def autocast(args: argparse.Namespace, device: torch.device):
 
 
 # --- setup -------------------------------------------------------------------------------------------
-def create_session(args: argparse.Namespace, all_heads: bool = False) -> EvalSession:
+def create_session(args: argparse.Namespace, all_heads: bool = False, trained_only: bool = False) -> EvalSession:
     """Check the arguments, build the model and load its weights. Raises ``UsageError`` on bad input.
 
     ``all_heads``: without ``--heads``, use every head count the model can run (the sweep) instead of
-    the checkpoint's head set.
+    the checkpoint's head set. ``trained_only`` (the deploy tools): without ``--heads``, the head counts the
+    checkpoint was trained on (``trained_heads``), and a warning for any ``--heads`` outside them.
     """
     check_common_args(args)
     device = resolve_device(args.device)
@@ -233,7 +234,8 @@ def create_session(args: argparse.Namespace, all_heads: bool = False) -> EvalSes
         raise UsageError(str(e)) from e
     if not isinstance(model, HydraViT):
         raise UsageError(f'--model: {args.model} is not a HydraViT model')
-    heads = _select_heads(args, model, checkpoint, all_heads)
+    heads = trained_heads(args, model, checkpoint) if trained_only else _select_heads(args, model, checkpoint,
+                                                                                          all_heads)
     data_config = resolve_data_config(vars(args), model=model)
     if not (getattr(args, 'input_size', None) or getattr(args, 'img_size', None)):
         # the resolution the model was built at (--model-kwargs img_size=...), not the one its cfg was written for
@@ -297,6 +299,26 @@ def _select_heads(args, model: HydraViT, checkpoint: Optional[dict], all_heads: 
         heads = resolve_heads(args, model, checkpoint)
     except ValueError as e:
         raise UsageError(str(e) if str(e).startswith(('--heads', 'checkpoint')) else f'--heads: {e}') from e
+    return heads
+
+
+def trained_heads(args: argparse.Namespace, model: HydraViT, checkpoint: Optional[dict]) -> List[int]:
+    """The head counts to serve: ``--heads``, else those the checkpoint was trained on (``hydravit.train`` records
+    them), else, for random weights (no ``--checkpoint``), every k: none is trained, only costs are measured.
+
+    Raises ``UsageError`` for a checkpoint that records no head set (a plain state dict, a converted ViT): which
+    widths work is then unknown, so ``--heads`` must say. A ``--heads`` beyond the trained set gets a warning.
+    """
+    if args.heads is None and checkpoint is None:
+        return runnable_heads(model)
+    if args.heads is None and model.trained_heads is None:
+        raise UsageError(f'--heads: {args.checkpoint} records no trained head counts (it was not written by '
+                         'hydravit.train); pass --heads with the k it was trained on')
+    heads = sorted(_select_heads(args, model, checkpoint, all_heads=False))
+    untrained = [k for k in heads if model.trained_heads is not None and k not in model.trained_heads]
+    if untrained:
+        warn(f'--heads {" ".join(map(str, untrained))}: not among the head counts {args.checkpoint} was trained on '
+             f'({" ".join(map(str, model.trained_heads))}); their accuracy is whatever the untrained width gives')
     return heads
 
 
