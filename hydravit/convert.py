@@ -27,6 +27,7 @@ Sources: a timm ``VisionTransformer`` (``deit_small_patch16_224``, ``vit_base_pa
 registered ``hydravit_*`` model of the same geometry.
 """
 import argparse
+import json
 import logging
 import sys
 import time
@@ -40,7 +41,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import VisionTransformer
 
-from .checkpoint import atomic_torch_save, check_state_dict_matches, extract_state_dict, load_checkpoint_file
+from .checkpoint import (
+    atomic_torch_save,
+    atomic_write,
+    check_state_dict_matches,
+    extract_state_dict,
+    load_checkpoint_file,
+)
 from .model import HydraViT
 
 __all__ = [
@@ -320,7 +327,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--report', action='store_true',
                         help='top-1 per k on the validation split: converted vs the source sliced in its own order')
     parser.add_argument('--heads', type=int, nargs='+', default=None, help='head counts of --report (default: all)')
+    parser.add_argument('--report-file', default='', metavar='FILE',
+                        help='with --report: also write its rows as JSON (order -> {k: top-1})')
     args = parser.parse_args(argv)
+    if args.report_file and not args.report:
+        parser.error('--report-file: only with --report')
     for flag in ('calib_images', 'batch_size'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag.replace("_", "-")} must be >= 1')
@@ -402,7 +413,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     atomic_torch_save({'arch': target, 'state_dict': state_dict, 'hydravit_convert': meta}, args.output)
     _logger.info(f'wrote {args.output}: {target}, load with --model {target} --checkpoint {args.output}')
     if args.report:
-        report_zero_shot(args, vit, model, target)
+        rows = report_zero_shot(args, vit, model, target)
+        if args.report_file:
+            report = {'score': args.score, 'channels': args.channels, 'seed': args.seed, 'top1': rows}
+            atomic_write(Path(args.report_file), lambda tmp: tmp.write_text(json.dumps(report, indent=1) + '\n'))
     return 0
 
 
@@ -419,8 +433,10 @@ def full_width_difference(vit: nn.Module, model: HydraViT, batches: Sequence[tor
     return max(float((vit(x) - model(x)).abs().max()) for x in batches)
 
 
-def report_zero_shot(args: argparse.Namespace, vit: VisionTransformer, converted: HydraViT, target: str) -> None:
-    """Top-1 per k on the validation split: the converted model against the source sliced in its original order."""
+def report_zero_shot(args: argparse.Namespace, vit: VisionTransformer, converted: HydraViT,
+                     target: str) -> Dict[str, Dict[int, float]]:
+    """Top-1 (%) per k on the validation split, printed and returned: the converted model against the source sliced
+    in its original order (``{'original order': {k: top1}, 'converted': {k: top1}}``)."""
     from .evaluation.accuracy import evaluate_heads
     split = next((s for s in ('validation', 'val') if (Path(args.data) / s).is_dir()), 'train')
     batches = calibration_batches(args, vit, split, None)
@@ -435,6 +451,7 @@ def report_zero_shot(args: argparse.Namespace, vit: VisionTransformer, converted
     print('k'.rjust(16) + ''.join(f'{k:>8}' for k in heads))
     for name, row in rows.items():
         print(name.rjust(16) + ''.join(f'{row[k]:8.2f}' for k in heads))
+    return rows
 
 
 if __name__ == '__main__':

@@ -1,4 +1,6 @@
 """hydravit.convert: importance-ordered permutations of a trained ViT that keep its function at full width."""
+import json
+
 import pytest
 import timm
 import torch
@@ -15,6 +17,7 @@ from hydravit.convert import (
     permute_state_dict,
     target_model_name,
 )
+from hydravit.evaluation import accuracy
 
 
 def vit(name='vit_base_patch16_224', **kwargs):
@@ -125,9 +128,17 @@ def test_cli_writes_a_checkpoint_that_validate_loads(tmp_path, image_folder, cap
     torch.save({'state_dict': source.state_dict()}, tmp_path / 'src.pth')
     out = tmp_path / 'converted.pth'
     assert main([str(image_folder), '--model', 'hydravit_dyn_patch4_32', '--checkpoint', str(tmp_path / 'src.pth'),
-                 '-o', str(out), '--calib-images', '4', '--report', '--heads', '3', '12']) == 0
+                 '-o', str(out), '--calib-images', '4', '--report', '--heads', '3', '12', '--report-file',
+                 str(tmp_path / 'report.json')]) == 0
     printed = capsys.readouterr().out
     assert 'original order' in printed and 'converted' in printed
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert (report['score'], report['channels'], report['seed']) == ('magnitude', 'score', 0)
+    validated = accuracy.main([str(image_folder), '--checkpoint', str(out), '--num-classes', '2', '--heads', '3', '12',
+                               '-j', '0', '--device', 'cpu'])
+    capsys.readouterr()
+    assert {int(k): v for k, v in report['top1']['converted'].items()} == {r['heads']: r['top1'] for r in validated}
+    assert report['top1']['original order']['12'] == report['top1']['converted']['12']  # the same function at k = 12
     model = timm.create_model('hydravit_dyn_patch4_32', num_classes=2).eval()
     checkpoint = torch.load(out, weights_only=True)
     assert checkpoint['arch'] == 'hydravit_dyn_patch4_32'
