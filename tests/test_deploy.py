@@ -498,6 +498,18 @@ def test_serve_bench_three_policies_on_labelled_images(image_folder, trained_che
     assert 'calls at a k outside the served set: 0 (target 0: met)' in stdout
 
 
+def test_serve_bench_recovery_is_back_at_the_k_held_before_the_load():
+    schedule = load.parse_schedule(['off:1', 'on:1', 'off:1', 'on:1', 'off:1'])
+    calls = [(0.1, 7, 1., 1, 1), (0.2, 6, 1., 1, 1), (0.5, 6, 1., 1, 1), (1.2, 4, 1., 1, 1), (2.1, 5, 1., 1, 1),
+             (2.4, 6, 1., 1, 1), (2.6, 5, 1., 1, 1), (3.5, 3, 1., 1, 1), (4.3, 6, 1., 0, 1)]
+    # After the first load: back at 6 (held by most calls before it) 0.4 s after its end; after the second: at 5
+    # (held most from 2 s to 3 s) 0.3 s after.
+    row = serve_bench.summarize('elastic', calls, 10., schedule, 5., [3, 4, 5, 6, 7])
+    assert row['recovery_s'] == pytest.approx(0.4) and row['goodput'] == pytest.approx(100 * 8 / 9)
+    assert serve_bench.summarize('elastic', calls[:-1], 10., schedule, 5., [3, 4, 5, 6, 7])['recovery_s'] is None
+    assert serve_bench.summarize('pick', calls, 10., schedule, 5., [6])['outside_heads'] == 5
+
+
 def test_serve_bench_floor_and_bad_arguments(image_folder, checkpoint, trained_checkpoint, capsys):
     base = [str(image_folder), '--checkpoint', str(trained_checkpoint), '-b', '2', '--device', 'cpu', '-j', '0',
             '--calibration-time', '0.05', '--load-procs', '0', '--duration', '0.1']

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -341,8 +342,10 @@ def summarize(name: str, calls: Sequence[Call], budget_ms: float, schedule: Sequ
     parts = {'': summarize_calls(calls, budget_ms),
              '_load': summarize_calls([c for c, o in zip(calls, on, strict=True) if o], budget_ms),
              '_no_load': summarize_calls([c for c, o in zip(calls, on, strict=True) if not o], budget_ms)}
-    ends = [(start, end) for start, end in load_windows(schedule) if end < duration]
-    recovery = [_recovery(calls, start, end) for start, end in ends] if len(heads) > 1 else []
+    windows = load_windows(schedule)
+    since = [0.] + [end for _, end in windows[:-1]]
+    recovery = [_recovery(calls, s, start, end) for s, (start, end) in zip(since, windows, strict=True)
+                if end < duration] if len(heads) > 1 else []
     return round_row({
         'policy': name,
         'k': heads[0] if len(heads) == 1 else None,
@@ -360,13 +363,15 @@ def summarize(name: str, calls: Sequence[Call], budget_ms: float, schedule: Sequ
     })
 
 
-def _recovery(calls: Sequence[Call], load_start: float, load_end: float) -> Optional[float]:
-    """Seconds from ``load_end`` to the first call back at the k served just before the load began (None if it
-    never gets there, or nothing ran before the load)."""
-    before = [call[1] for call in calls if call[0] < load_start]
+def _recovery(calls: Sequence[Call], since: float, load_start: float, load_end: float) -> Optional[float]:
+    """Seconds from ``load_end`` to the first call back at the k held before the load: the k of most calls from
+    ``since`` (the previous load's end, or 0) to ``load_start``. None if it never gets back, or nothing ran before
+    the load."""
+    before = Counter(call[1] for call in calls if since <= call[0] < load_start)
     if not before:
         return None
-    return next((t - load_end for t, k, *_ in calls if t >= load_end and k >= before[-1]), None)
+    held = before.most_common(1)[0][0]
+    return next((t - load_end for t, k, *_ in calls if t >= load_end and k >= held), None)
 
 
 def aggregate(summaries: Sequence[Sequence[Row]]) -> List[Row]:
