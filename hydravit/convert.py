@@ -317,7 +317,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('-o', '--output', required=True, help='converted checkpoint to write (timm layout)')
     parser.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the checkpoint\'s)')
     parser.add_argument('--score', choices=SCORES, default='magnitude',
-                        help='importance score (default: magnitude, the better zero-shot order on the digits)')
+                        help='importance score (default: magnitude: needs no data, and within one std of taylor '
+                             'zero-shot on the digits, docs/training.md)')
     parser.add_argument('--channels', choices=('score', 'original'), default='score',
                         help='residual channels: sorted by the score (default) or kept in their original order')
     parser.add_argument('--calib-images', type=int, default=256, help='calibration images (default: 256)')
