@@ -411,12 +411,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {'source_model': args.model, 'source_checkpoint': args.checkpoint, 'score': args.score,
             'channels': args.channels,
             'calib_images': args.calib_images, 'seed': args.seed, 'model_kwargs': target_kwargs(vit)}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({'arch': target, 'state_dict': state_dict, 'hydravit_convert': meta}, args.output)
     _logger.info(f'wrote {args.output}: {target}, load with --model {target} --checkpoint {args.output}')
     if args.report:
         rows = report_zero_shot(args, vit, model, target)
         if args.report_file:
             report = {'score': args.score, 'channels': args.channels, 'seed': args.seed, 'top1': rows}
+            Path(args.report_file).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(args.report_file), lambda tmp: tmp.write_text(json.dumps(report, indent=1) + '\n'))
     return 0
 
