@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-plus test lint
+.PHONY: demo demo-plus demo-convert test lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,26 @@ demo: $(VENV)/.installed
 # The best recipe of the digits comparison (sandwich of 4, 40 epochs): 4x the demo's compute.
 demo-plus:
 	$(MAKE) demo DEMO_CONFIG=configs/digits_plus.yaml DEMO_OUT=output/demo_plus
+
+# A trained 12-head ViT -> importance-reordered HydraViT (hydravit.convert) -> 10 epochs of the sandwich of 4
+# (configs/digits_convert.yaml, the comparison's convert_ft10). SOURCE: a trained 12-head digits ViT checkpoint
+# (SOURCE_FLAGS: its loader flags); without it the source is trained first (configs/digits.yaml at k = 12 only).
+CONVERT_OUT ?= output/demo_convert
+SOURCE ?=
+SOURCE_FLAGS ?= --use-ema
+demo-convert: $(VENV)/.installed
+	@start=$$(date +%s); source="$(SOURCE)"; \
+	$(PY) scripts/prepare_digits.py $(DEMO_DATA) && \
+	if [ -z "$$source" ]; then \
+		$(PY) -m hydravit.train $(DEMO_DATA) --config $(DEMO_CONFIG) --device cpu --heads 12 --weights 1 \
+			--output $(CONVERT_OUT) --experiment source && \
+		source=$(CONVERT_OUT)/source/model_best.pth.tar; \
+	fi && \
+	$(PY) -m hydravit.convert $(DEMO_DATA) --model hydravit_dyn_patch4_32 --checkpoint "$$source" $(SOURCE_FLAGS) \
+		--num-classes 10 -o $(CONVERT_OUT)/converted.pth --report --heads 3 6 9 12 && \
+	$(PY) -m hydravit.train $(DEMO_DATA) --config configs/digits_convert.yaml --device cpu \
+		--initial-checkpoint $(CONVERT_OUT)/converted.pth --output $(CONVERT_OUT) --experiment finetune && \
+	echo "demo-convert wall time: $$(( $$(date +%s) - start )) s"
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
