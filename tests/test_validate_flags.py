@@ -2,12 +2,11 @@
 each that cannot apply stops the tool with one line naming the flag and why."""
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from test_evaluation import load_images
 
 import hydravit  # noqa: F401  registers the models
 from hydravit.evaluation import accuracy, macs, memory
@@ -66,20 +65,12 @@ def test_flags_a_tool_does_not_honour_are_refused(tool, argv, image_folder, caps
 
 def direct_rows(model, folder, k: int, dtype=torch.float32):
     """top-1 and loss computed without timm's data pipeline, with the model and inputs in ``dtype``."""
-    mean = torch.tensor(model.pretrained_cfg['mean']).view(3, 1, 1)
-    std = torch.tensor(model.pretrained_cfg['std']).view(3, 1, 1)
-    xs, ys = [], []
-    for label, class_dir in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
-        for file in sorted(class_dir.glob('*.png')):
-            pixels = torch.from_numpy(np.array(Image.open(file).convert('RGB'))).permute(2, 0, 1).float() / 255
-            xs.append((pixels - mean) / std)
-            ys.append(label)
+    images, labels = load_images(folder, model)
     cast = timm.create_model(SMALL, num_classes=2).eval()
     cast.load_state_dict(model.state_dict())
     cast.to(dtype).set_heads(k)
     with torch.no_grad():
-        logits = cast(torch.stack(xs).to(dtype)).float()
-    labels = torch.tensor(ys)
+        logits = cast(images.to(dtype)).float()
     return 100. * (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
 
 
