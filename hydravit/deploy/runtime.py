@@ -232,15 +232,19 @@ class ElasticRunner:
                              'have (the graphs are captured from it at construction)')
         self.model = model
         self.forward = forward if forward is not None else model
-        rows = _latency_rows(profile) if profile is not None else None
-        heads = sorted(parse_heads(_default_heads(model, heads, rows), model.num_heads, 'heads'))
-        accuracy = _accuracy(rows, heads) if rows is not None else None
+        profiled = _latency_rows(profile) if profile is not None else None
+        heads = sorted(parse_heads(_default_heads(model, heads, profiled), model.num_heads, 'heads'))
+        rows = _rows_of(profiled, heads) if profiled is not None else None
+        accuracy = _accuracy(rows) if rows is not None else None
         self.dropped = _below_floor(accuracy, min_top1) if min_top1 is not None else []
         heads = [k for k in heads if k not in self.dropped]
         entry_ms = latency_budget_ms * (1 - up_margin)  # the runner enters a k only with this margin
-        costs, start = _from_profile(rows, heads, entry_ms) if rows is not None else (None, None)
+        if rows is not None:
+            rows = [row for row in rows if row['heads'] in heads]
+            accuracy = _accuracy(rows)
+        costs, start = _from_profile(rows, entry_ms) if rows is not None else (None, None)
         self.controller = HeadController(heads, latency_budget_ms, costs, start, window, quantile, headroom,
-                                         up_margin, accuracy=accuracy and {k: accuracy[k] for k in heads})
+                                         up_margin, accuracy=accuracy)
         self.clock = clock
         self.device = _device_of(model)
         self.history: Deque[Tuple[float, int, float]] = deque(maxlen=max_history)
@@ -304,15 +308,20 @@ def _default_heads(model, heads: Optional[Sequence[int]], rows: Optional[List[Ro
                      '(the k it was trained on): the runner never serves every k by default')
 
 
-def _accuracy(rows: List[Row], heads: Sequence[int]) -> Optional[Dict[int, float]]:
-    """Profiled top-1 per k of ``heads``, or None when the profile has no accuracies."""
+def _rows_of(rows: List[Row], heads: Sequence[int]) -> List[Row]:
+    """The profile's row of each k of ``heads``, in that order; ``ValueError`` naming the k it lacks."""
     by_k = {row['heads']: row for row in rows}
     missing = [k for k in heads if k not in by_k]
     if missing:
         raise ValueError(f'profile has no latency for heads {missing}')
+    return [by_k[k] for k in heads]
+
+
+def _accuracy(rows: List[Row]) -> Optional[Dict[int, float]]:
+    """Profiled top-1 per k, or None when the profile has no accuracies."""
     if rows[0].get('top1') is None:
         return None
-    return {k: float(by_k[k]['top1']) for k in heads}
+    return {row['heads']: float(row['top1']) for row in rows}
 
 
 def _below_floor(accuracy: Optional[Dict[int, float]], min_top1: float) -> List[int]:
@@ -332,19 +341,15 @@ def _device_of(model) -> torch.device:
     return first.device if first is not None else torch.device('cpu')
 
 
-def _from_profile(rows: List[Row], heads: Sequence[int], entry_ms: float) -> Tuple[Dict[int, float], int]:
-    """(seed cost per k in ms, start k): the most accurate k whose profiled p90 is within ``entry_ms``."""
-    by_k = {row['heads']: row for row in rows}
-    missing = [k for k in heads if k not in by_k]
-    if missing:
-        raise ValueError(f'profile has no latency for heads {missing}')
-    rows = [by_k[k] for k in heads]
+def _from_profile(rows: List[Row], entry_ms: float) -> Tuple[Dict[int, float], int]:
+    """(seed cost per k in ms, start k) from the rows of the served k, in k order: the start is the most accurate k
+    whose profiled p90 is within ``entry_ms``, else the smallest."""
     # A larger k never costs less; a noisy measurement that says so would make the runner jump too far.
     medians = np.maximum.accumulate([float(row['latency_ms_median']) for row in rows])
-    costs = dict(zip(heads, medians.tolist(), strict=True))
+    costs = {row['heads']: cost for row, cost in zip(rows, medians.tolist(), strict=True)}
     fitting = [row for row in rows if row['latency_ms_p90'] <= entry_ms]
     if not fitting:
-        return costs, heads[0]
+        return costs, rows[0]['heads']
     acc = accuracy_key(fitting)
     return costs, max(fitting, key=lambda row: (row[acc], -row['heads']))['heads']
 
