@@ -2,13 +2,18 @@
 
 Accepted inputs: a plain state dict, a timm checkpoint dict (``state_dict`` / ``state_dict_ema``),
 or a ``.safetensors`` file. Pickled files are opened with ``torch.load(weights_only=True)``.
+
+Weights holding NaN or inf are refused by ``extract_state_dict``, which every loader goes through (``check_finite``
+gives the one line: ``PATH: non-finite values in TENSOR (KEY; N of M NaN/inf)``). JSON results are written with
+``to_json`` / ``write_json``: a non-finite number becomes ``null``, never a bare ``NaN``.
 """
 import argparse
+import json
 import math
 import os
 import pickle
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -87,12 +92,17 @@ def _corrupt_message(path: Path, error: Exception) -> str:
             f'copy or save it again')
 
 
-def extract_state_dict(checkpoint: dict, use_ema: bool = False, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+def extract_state_dict(checkpoint: dict, use_ema: bool = False, source: str = 'checkpoint',
+                       buffers: Collection[str] = ()) -> Dict[str, torch.Tensor]:
     """The model state dict held by ``checkpoint`` (EMA weights when ``use_ema``), wrapper prefixes removed.
 
     The keys are looked up as timm's ``load_checkpoint`` does (``state_dict_ema`` / ``model_ema`` for EMA, else
     ``state_dict`` / ``model``, else the dict itself), except that asking for EMA weights a checkpoint does not
     hold is an error here rather than a silent fall-back to the model weights.
+
+    Every loader reads weights through here, so every one refuses non-finite weights: ``NonFiniteWeightsError``
+    names the first tensor holding NaN or inf (see ``check_finite``; ``buffers``: the target model's buffer
+    names, which are not checked).
     """
     if not isinstance(checkpoint, dict):
         raise ValueError(f'{source} holds no state dict (a {type(checkpoint).__name__})')
@@ -106,7 +116,86 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = False, source: str = 'c
         state_dict = checkpoint if key is None else checkpoint[key]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f'{source} holds no tensor state dict')
-    return strip_wrapper_prefixes(state_dict, source)
+    state_dict = strip_wrapper_prefixes(state_dict, source)
+    check_finite(state_dict, source, where=key or '', skip=buffers)
+    return state_dict
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or inf (a diverged run's checkpoint): unusable for evaluation, export or training."""
+
+
+def check_finite(tensors: Mapping[str, Any], source: str, where: str = '', skip: Collection[str] = ()) -> None:
+    """Raise ``NonFiniteWeightsError`` naming the first floating-point tensor of ``tensors`` that holds NaN or inf,
+    in one line: ``SOURCE: non-finite values in NAME (WHERE; N of M NaN/inf)``, plus how many more tensors do.
+
+    Integer and bool tensors (indices, step counts) and the names in ``skip`` (buffers, which may hold an inf mask
+    on purpose) are not checked; nor are values that are not tensors.
+    """
+    bad = [name for name, t in tensors.items() if name not in skip and _has_non_finite(t)]
+    if not bad:
+        return
+    tensor = tensors[bad[0]]
+    count = int((~torch.isfinite(tensor)).sum())
+    detail = f'{where}; ' if where else ''
+    more = f', and in {len(bad) - 1} more tensor{"s" if len(bad) > 2 else ""}' if len(bad) > 1 else ''
+    raise NonFiniteWeightsError(f'{source}: non-finite values in {bad[0]} ({detail}{count:,} of {tensor.numel():,} '
+                                f'NaN/inf){more}')
+
+
+def _has_non_finite(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+        return False
+    return value.device.type != 'meta' and not bool(torch.isfinite(value).all())
+
+
+def check_model_finite(model: nn.Module, source: str, where: str = '') -> None:
+    """``check_finite`` over ``model``'s state dict, its buffers skipped (weights built or loaded another way than
+    ``extract_state_dict``: timm's ``local-dir:`` folders, a model about to be exported)."""
+    check_finite(model.state_dict(), source, where, skip=buffer_names(model))
+
+
+def buffer_names(model: nn.Module) -> set:
+    """The state-dict names of ``model``'s buffers."""
+    return {name for name, _ in model.named_buffers()}
+
+
+def check_optimizer_finite(optimizer_state: Any, source: str) -> None:
+    """Refuse an optimizer state dict whose per-parameter state (``exp_avg``, ``exp_avg_sq``, momentum, ...) holds
+    NaN or inf: resuming from it would poison every later step. Tensors are named ``exp_avg_sq of parameter 12``
+    (the optimizer's own parameter index)."""
+    per_param = optimizer_state.get('state', {}) if isinstance(optimizer_state, dict) else {}
+    named = {f'{name} of parameter {index}': value for index, values in per_param.items()
+             if isinstance(values, dict) for name, value in values.items()}
+    check_finite(named, source, where='optimizer')
+
+
+def finite_training_checkpoint(path: PathLike) -> Optional[dict]:
+    """The checkpoint at ``path`` if it reads and its model, EMA and optimizer state are all finite, else None."""
+    try:
+        checkpoint = load_checkpoint_file(path)
+        extract_state_dict(checkpoint, source=str(path))
+        if isinstance(checkpoint, dict) and checkpoint.get('state_dict_ema') is not None:
+            extract_state_dict(checkpoint, use_ema=True, source=str(path))
+        check_optimizer_finite(checkpoint.get('optimizer'), str(path))
+    except (ValueError, KeyError, FileNotFoundError):
+        return None
+    return checkpoint
+
+
+def newest_finite_checkpoint(paths: Iterable[PathLike]) -> Optional[Tuple[Path, dict]]:
+    """(path, checkpoint) of the most recently written of ``paths`` whose weights are all finite, else None.
+
+    A run that diverges can write a checkpoint after its weights went bad and before its loss shows it, so the
+    newest file is not necessarily a good one: each is read and checked, newest first (files of the same time, such
+    as hard links of one save, in the order given).
+    """
+    existing = [Path(p) for p in paths if Path(p).is_file()]
+    for path in sorted(existing, key=lambda p: p.stat().st_mtime_ns, reverse=True):  # stable: ties keep the order
+        checkpoint = finite_training_checkpoint(path)
+        if checkpoint is not None:
+            return path, checkpoint
+    return None
 
 
 def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
@@ -178,9 +267,10 @@ def resample_pos_embed(model: nn.Module, state_dict: Dict[str, torch.Tensor],
 
 
 def load_model_weights(model: nn.Module, path: PathLike, use_ema: bool = False) -> dict:
-    """Load weights from ``path`` into ``model`` strictly; returns the raw checkpoint."""
+    """Load weights from ``path`` into ``model`` strictly; returns the raw checkpoint. Non-finite weights are
+    refused (``NonFiniteWeightsError``), the model's buffers excepted."""
     checkpoint = load_checkpoint_file(path)
-    state_dict = extract_state_dict(checkpoint, use_ema, source=str(path))
+    state_dict = extract_state_dict(checkpoint, use_ema, source=str(path), buffers=buffer_names(model))
     check_state_dict_matches(model, state_dict, source=str(path))
     model.load_state_dict(state_dict, strict=True)
     return checkpoint
@@ -200,3 +290,31 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
 def atomic_torch_save(obj, path: PathLike) -> None:
     """``torch.save`` that never leaves ``path`` half-written."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, through dicts, lists and tuples.
+
+    JSON has no NaN or Infinity: ``json.dumps`` writes them as bare tokens that strict parsers (``jq``, browsers,
+    other languages) reject, so a value that could not be measured is written as ``null``.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
+
+
+def to_json(obj: Any, indent: Optional[int] = None) -> str:
+    """Valid JSON text of ``obj``: non-finite floats become ``null`` (``json_safe``), never a bare NaN."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: PathLike, obj: Any, indent: Optional[int] = None) -> Path:
+    """Write ``obj`` as valid JSON (``to_json``, a final newline) atomically; creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(to_json(obj, indent) + '\n'))
+    return path

@@ -10,7 +10,13 @@ import torch
 from timm.utils import ParseKwargs
 
 from . import model as _model  # noqa: F401  registers the hydravit models with timm
-from .checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file, resample_pos_embed
+from .checkpoint import (
+    NonFiniteWeightsError,
+    check_state_dict_matches,
+    extract_state_dict,
+    load_checkpoint_file,
+    resample_pos_embed,
+)
 
 DEFAULT_EVAL_HEADS = (3, 6, 12)
 DEFAULT_MODEL = 'hydravit_dyn_patch16_224'
@@ -31,10 +37,28 @@ def parse_heads(values: Iterable, num_heads: int, flag: str = '--heads') -> List
     return [int(v) for v in values]
 
 
+def recorded_heads(checkpoint: Optional[dict]) -> Optional[list]:
+    """The head counts a checkpoint records it was trained on, unchecked, else None.
+
+    ``heads`` (written by hydravit.train), else ``args.heads``: the official HydraViT code saves timm train.py's
+    ``args`` (an argparse.Namespace; a plain dict in some copies) and nothing else about the heads.
+    """
+    if not isinstance(checkpoint, dict):
+        return None
+    heads = checkpoint.get('heads')
+    if heads is None:
+        args = checkpoint.get('args')
+        heads = args.get('heads') if isinstance(args, dict) else getattr(args, 'heads', None)
+    if isinstance(heads, numbers.Integral) and not isinstance(heads, bool):
+        heads = [heads]
+    return list(heads) if isinstance(heads, (list, tuple)) and heads else None
+
+
 def default_heads(num_heads: int, checkpoint: Optional[dict] = None) -> List[int]:
-    """Head set stored with a training checkpoint, else 3 6 12 clipped to the model."""
-    if checkpoint and isinstance(checkpoint.get('heads'), (list, tuple)):
-        return parse_heads(checkpoint['heads'], num_heads, flag='checkpoint heads')
+    """Head set stored with a training checkpoint (``recorded_heads``), else 3 6 12 clipped to the model."""
+    recorded = recorded_heads(checkpoint)
+    if recorded is not None:
+        return parse_heads(recorded, num_heads, flag='checkpoint heads')
     return sorted({min(k, num_heads) for k in DEFAULT_EVAL_HEADS})
 
 
@@ -73,12 +97,16 @@ def create_model_from_args(args: argparse.Namespace,
     from the checkpoint: its class count (unless ``--num-classes``) and, for the separate-classifiers
     variant, the head counts that have a classifier. ``--img-size`` / ``--input-size``, ``--in-chans``, ``--gp``
     and ``--model-kwargs`` go to ``timm.create_model`` as in timm's validate.py; a checkpoint trained at another
-    resolution has its position table resampled (``note`` gets the one line saying so).
+    resolution has its position table resampled (``note`` gets the one line saying so). Weights holding NaN or inf
+    are refused: ``NonFiniteWeightsError`` (a ``ValueError``), ``--checkpoint: PATH: non-finite values in ...``.
     """
     checkpoint, state_dict = None, None
     if args.checkpoint:
         checkpoint = load_checkpoint_file(args.checkpoint)
-        state_dict = extract_state_dict(checkpoint, getattr(args, 'use_ema', False), source=args.checkpoint)
+        try:  # refuses NaN / inf weights (HydraViT models have no buffers to exempt)
+            state_dict = extract_state_dict(checkpoint, getattr(args, 'use_ema', False), source=args.checkpoint)
+        except NonFiniteWeightsError as e:
+            raise NonFiniteWeightsError(f'--checkpoint: {e}') from e
     if not args.model:  # a training checkpoint names its model
         arch = (checkpoint or {}).get('arch')
         args.model = arch if isinstance(arch, str) else DEFAULT_MODEL
@@ -98,8 +126,8 @@ def create_model_from_args(args: argparse.Namespace,
         model.load_state_dict(state_dict, strict=True)
         if resampled:
             note(resampled)
-    recorded = (checkpoint or {}).get('heads')
-    if isinstance(recorded, (list, tuple)) and recorded and hasattr(model, 'trained_heads'):
+    recorded = recorded_heads(checkpoint)
+    if recorded is not None and hasattr(model, 'trained_heads'):
         model.trained_heads = sorted(parse_heads(recorded, model.num_heads, flag='checkpoint heads'))
     return model, checkpoint
 

@@ -27,7 +27,6 @@ Sources: a timm ``VisionTransformer`` (``deit_small_patch16_224``, ``vit_base_pa
 registered ``hydravit_*`` model of the same geometry.
 """
 import argparse
-import json
 import logging
 import sys
 import time
@@ -42,12 +41,15 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 
 from .checkpoint import (
+    NonFiniteWeightsError,
     atomic_torch_save,
-    atomic_write,
+    check_model_finite,
     check_state_dict_matches,
     extract_state_dict,
     load_checkpoint_file,
+    write_json,
 )
+from .classes import check_class_folders, dataset_class_to_idx, match_classes, recorded_class_names
 from .model import HydraViT
 
 __all__ = [
@@ -351,9 +353,14 @@ def load_source(args: argparse.Namespace) -> VisionTransformer:
     """The source ViT with its weights (strict), on the CPU, in eval mode; a HydraViT comes back as a timm ViT."""
     if args.checkpoint.startswith('local-dir:'):
         kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
-        return timm.create_model(args.checkpoint, pretrained=True, **kwargs).eval()
-    state_dict = extract_state_dict(load_checkpoint_file(args.checkpoint), use_ema=args.use_ema,
-                                    source=args.checkpoint)
+        model = timm.create_model(args.checkpoint, pretrained=True, **kwargs).eval()
+        check_model_finite(model, f'--checkpoint: {args.checkpoint}')  # timm read it: the one check, by hand
+        return model
+    try:
+        state_dict = extract_state_dict(load_checkpoint_file(args.checkpoint), use_ema=args.use_ema,
+                                        source=args.checkpoint)
+    except NonFiniteWeightsError as e:
+        raise NonFiniteWeightsError(f'--checkpoint: {e}') from e
     num_classes = args.num_classes or (state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0)
     model = timm.create_model(args.model, num_classes=num_classes)
     check_state_dict_matches(model, state_dict, source=f'--checkpoint {args.checkpoint} (--model {args.model})')
@@ -366,13 +373,43 @@ def load_source(args: argparse.Namespace) -> VisionTransformer:
     return model.eval()
 
 
-def calibration_batches(args: argparse.Namespace, model: nn.Module, split: str, count: Optional[int]) -> List:
-    """``(images, targets)`` batches of DATA's ``split`` (``count`` images drawn with ``--seed``, or all)."""
-    from timm.data import create_dataset, create_transform, resolve_data_config
+def source_class_names(args: argparse.Namespace) -> Optional[List[str]]:
+    """The class names the source checkpoint records (a hydravit.train run, or an earlier conversion), else None.
+
+    Read apart from ``load_source`` (the checkpoint is read twice) so that the source's loading stays one function.
+    """
+    if args.checkpoint.startswith('local-dir:') or Path(args.checkpoint).suffix == '.safetensors':
+        return None  # neither format records class names
+    return recorded_class_names(load_checkpoint_file(args.checkpoint))
+
+
+def labelled_dataset(args: argparse.Namespace, split: str, class_names: Optional[List[str]] = None):
+    """timm's folder dataset of DATA's ``split`` (DATA itself without that folder), labelled by ``class_names``
+    (the source's classes, matched by folder name) when given, else by the folders' sorted order.
+
+    Raises ``ValueError`` naming DATA for no images, images outside class folders, or a class the source was
+    not trained on.
+    """
+    from timm.data import create_dataset
     root = Path(args.data) / split if (Path(args.data) / split).is_dir() else Path(args.data)
     dataset = create_dataset('', root=str(root), is_training=False)
     if len(dataset) == 0:
         raise ValueError(f'DATA: no images in {root}')
+    try:
+        check_class_folders(dataset)
+        found = dataset_class_to_idx(dataset)
+        mapping = match_classes(class_names, found, f'DATA ({root})')[0] if class_names else None
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith('DATA') else f'DATA: {e}') from e
+    return dataset if mapping is None else create_dataset('', root=str(root), is_training=False, class_map=mapping)
+
+
+def calibration_batches(args: argparse.Namespace, model: nn.Module, split: str, count: Optional[int],
+                        class_names: Optional[List[str]] = None) -> List:
+    """``(images, targets)`` batches of DATA's ``split`` (``count`` images drawn with ``--seed``, or all), labelled
+    by ``class_names`` (see ``labelled_dataset``)."""
+    from timm.data import create_transform, resolve_data_config
+    dataset = labelled_dataset(args, split, class_names)
     cfg = resolve_data_config({}, model=model)
     dataset.transform = create_transform(cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'],
                                          std=cfg['std'], crop_pct=cfg['crop_pct'], crop_mode=cfg.get('crop_mode'))
@@ -391,11 +428,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         vit = load_source(args)
         check_convertible(vit)
         target = target_model_name(vit)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
+        class_names = source_class_names(args)
+        if args.report:  # its labels must mean the source's classes: checked before any work
+            labelled_dataset(args, report_split(args), class_names)
+        vit = vit.to(args.device)
+        batches = calibration_batches(args, vit, 'train', args.calib_images)  # labels unused: no class names
+    except (ValueError, KeyError) as e:  # KeyError: --use-ema on a checkpoint without EMA weights
+        print(f'error: {e.args[0] if isinstance(e, KeyError) else e}', file=sys.stderr)
         return 2
-    vit = vit.to(args.device)
-    batches = calibration_batches(args, vit, 'train', args.calib_images)
     _logger.info(f'{args.model}: {len(batches)} calibration batches ({args.calib_images} images max), '
                  f'score {args.score} [{time.perf_counter() - started:.0f}s]')
     state_dict, _ = convert_state_dict(vit, args.score, [x for x, _ in batches], channels=args.channels == 'score')
@@ -412,14 +452,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             'channels': args.channels,
             'calib_images': args.calib_images, 'seed': args.seed, 'model_kwargs': target_kwargs(vit)}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({'arch': target, 'state_dict': state_dict, 'hydravit_convert': meta}, args.output)
+    converted = {'arch': target, 'state_dict': state_dict, 'hydravit_convert': meta}
+    if class_names:  # the source's classes, so that every tool labels data by them
+        converted['class_names'] = class_names
+    atomic_torch_save(converted, args.output)
     _logger.info(f'wrote {args.output}: {target}, load with --model {target} --checkpoint {args.output}')
     if args.report:
-        rows = report_zero_shot(args, vit, model, target)
+        rows = report_zero_shot(args, vit, model, target, class_names)
         if args.report_file:
             report = {'score': args.score, 'channels': args.channels, 'seed': args.seed, 'top1': rows}
-            Path(args.report_file).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(Path(args.report_file), lambda tmp: tmp.write_text(json.dumps(report, indent=1) + '\n'))
+            write_json(args.report_file, report, indent=1)  # a NaN top-1 becomes null, never a bare NaN
     return 0
 
 
@@ -436,13 +478,19 @@ def full_width_difference(vit: nn.Module, model: HydraViT, batches: Sequence[tor
     return max(float((vit(x) - model(x)).abs().max()) for x in batches)
 
 
+def report_split(args: argparse.Namespace) -> str:
+    """The split ``--report`` evaluates: DATA's validation (or val) folder, else train."""
+    return next((s for s in ('validation', 'val') if (Path(args.data) / s).is_dir()), 'train')
+
+
 def report_zero_shot(args: argparse.Namespace, vit: VisionTransformer, converted: HydraViT,
-                     target: str) -> Dict[str, Dict[int, float]]:
+                     target: str, class_names: Optional[List[str]] = None) -> Dict[str, Dict[int, float]]:
     """Top-1 (%) per k on the validation split, printed and returned: the converted model against the source sliced
-    in its original order (``{'original order': {k: top1}, 'converted': {k: top1}}``)."""
+    in its original order (``{'original order': {k: top1}, 'converted': {k: top1}}``). Labels are the source's
+    ``class_names`` matched by folder name when it records them, else the folders' sorted order."""
     from .evaluation.accuracy import evaluate_heads
-    split = next((s for s in ('validation', 'val') if (Path(args.data) / s).is_dir()), 'train')
-    batches = calibration_batches(args, vit, split, None)
+    split = report_split(args)
+    batches = calibration_batches(args, vit, split, None, class_names)
     original = timm.create_model(target, **target_kwargs(vit)).to(args.device).eval()
     original.load_state_dict(vit.state_dict(), strict=True)
     heads = args.heads or list(range(1, converted.num_heads + 1))

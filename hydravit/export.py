@@ -4,7 +4,6 @@ The correspondence between a full-size tensor and its k-head part is "leading sl
 dimension", except for the fused qkv projection whose rows hold q, k and v blocks of width
 ``embed_dim`` each: there the leading slice is taken inside each block.
 """
-import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
@@ -13,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models import VisionTransformer
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_finite, to_json
 from .model import HydraViT
 
 # A stock timm entry point that builds a plain VisionTransformer from kwargs (all overridden).
@@ -102,25 +101,35 @@ def subnetwork_state_dict(model: HydraViT, k: int) -> Dict[str, torch.Tensor]:
     return {n: leading_slice(n, full[n], s).reshape(s) for n, s in shapes.items()}
 
 
+def finite_subnetwork_state_dict(model: HydraViT, k: int) -> Dict[str, torch.Tensor]:
+    """``subnetwork_state_dict``, refused with ``NonFiniteWeightsError`` when a tensor holds NaN or inf: every
+    export (timm folder, ONNX) goes through here, so none writes weights that cannot compute anything."""
+    state_dict = subnetwork_state_dict(model, k)
+    check_finite(state_dict, type(model).__name__, where=f'k={k} subnetwork')
+    return state_dict
+
+
 def export_subnetwork(model: HydraViT, k: int) -> VisionTransformer:
-    """A standalone timm ``VisionTransformer`` equal to ``model`` run with ``k`` heads."""
+    """A standalone timm ``VisionTransformer`` equal to ``model`` run with ``k`` heads (``NonFiniteWeightsError``
+    if its weights hold NaN or inf)."""
     ref = next(model.parameters())
     vit = VisionTransformer(**subnetwork_vit_args(model, k), device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
-        vit.load_state_dict({n: t.clone() for n, t in subnetwork_state_dict(model, k).items()}, strict=True)
+        vit.load_state_dict({n: t.clone() for n, t in finite_subnetwork_state_dict(model, k).items()}, strict=True)
     vit.pretrained_cfg = _pretrained_cfg(model, vit)
     return vit.train(model.training)
 
 
 def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
-    """Write the k-head subnetwork as ``config.json`` + ``model.safetensors``.
+    """Write the k-head subnetwork as ``config.json`` + ``model.safetensors`` (``NonFiniteWeightsError`` and
+    nothing written if its weights hold NaN or inf).
 
     The folder loads with stock timm: ``timm.create_model('local-dir:OUT_DIR', pretrained=True)``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     args = subnetwork_vit_args(model, k)
-    state_dict = {n: t.detach().to('cpu').contiguous() for n, t in subnetwork_state_dict(model, k).items()}
+    state_dict = {n: t.detach().to('cpu').contiguous() for n, t in finite_subnetwork_state_dict(model, k).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused export leaves no folder behind
     cfg_keys = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'first_conv', 'classifier')
     full_cfg = _pretrained_cfg(model)
     pretrained_cfg = {key: full_cfg[key] for key in cfg_keys if key in full_cfg}
@@ -134,7 +143,7 @@ def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
         'hydravit': {'heads': k, 'source_heads': model.num_heads},
     }
     atomic_write(out_dir / 'model.safetensors', lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
-    atomic_write(out_dir / 'config.json', lambda p: p.write_text(json.dumps(config, indent=2) + '\n'))
+    atomic_write(out_dir / 'config.json', lambda p: p.write_text(to_json(config, indent=2) + '\n'))
     return out_dir
 
 

@@ -4,55 +4,98 @@ A layer infers its active width from the last dimension of its input, so only th
 patch embedding has to be told how many channels to produce. Everything downstream
 follows from tensor shapes, which keeps ``set_heads`` O(1) and makes activation
 recomputation (gradient checkpointing) see the same width as the forward pass.
-Parameter names equal those of timm's layers, so state dicts are interchangeable.
+Parameter names, shapes and layouts equal those of timm's layers, and ``state_dict()`` hands out the parameters
+themselves, so state dicts are interchangeable and a write through one reaches the model (timm's EMA relies on it).
 """
-from typing import List, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, maybe_add_mask, resolve_self_attn_mask, use_fused_attn
 
 Shape = Tuple[int, ...]
+Sizes = Tuple[Any, ...]  # per dimension: a length (int, or an FX proxy while tracing), or None for the full length
+
+
+@dataclass(frozen=True)
+class Block:
+    """Which part of a parameter a layer uses: the leading ``sizes`` of the parameter seen as ``grid`` (its own
+    shape when None), with the dimensions then ordered as ``perm`` (as they are when None).
+
+    A plain leading block (``Block((n, m))``) covers every layer but the fused qkv projection, whose first k heads'
+    rows are the leading rows of each of its q, k and v blocks: ``grid = (3, dim, in)``.
+    """
+
+    sizes: Sizes
+    grid: Optional[Shape] = None
+    perm: Optional[Tuple[int, ...]] = None
+
+
+def _is_concrete(block: Block) -> bool:
+    return all(s is None or isinstance(s, int) for s in block.sizes)
+
+
+def _resolved(block: Block, p: torch.Tensor) -> Shape:
+    """The block's lengths in ``grid``, None resolved to the full length."""
+    grid = tuple(p.shape) if block.grid is None else block.grid
+    return tuple(g if s is None else int(s) for s, g in zip(block.sizes, grid, strict=True))
+
+
+def _is_whole(block: Block, p: torch.Tensor) -> bool:
+    grid = tuple(p.shape) if block.grid is None else block.grid
+    return block.perm is None and block.grid is None and _resolved(block, p) == grid
+
+
+def _block_view(p: torch.Tensor, block: Block) -> torch.Tensor:
+    """The block as an ordinary view (tracers, compilers, torch.func; FX proxies too, as it never compares)."""
+    t = p if block.grid is None else p.view(block.grid)
+    for dim, n in enumerate(block.sizes):
+        if n is not None:
+            t = t.narrow(dim, 0, n)
+    return t if block.perm is None else t.permute(block.perm)
 
 
 class _LeadingAliases(torch.autograd.Function):
-    """The leading blocks of parameters, as tensors over the parameters' own storage.
+    """Blocks of parameters (``Block``), as tensors over the parameters' own storage.
 
-    Forward gives, for each parameter, a tensor with the parameter's storage and strides and a smaller shape: no copy,
-    and, unlike a view, no per-call op. It is not an autograd view of the parameter, so an optimizer step that updates
-    the parameter in place leaves this node as its gradient function (autograd would replace a view's by a generic
-    ``as_strided`` backward of two ops): ``ActiveParams`` builds the aliases once per width and reuses them across
-    steps. Backward zero-pads each gradient to its parameter's shape, one op per parameter: the floor for a sliced
-    leaf (gradient hooks, DDP, accumulation and clipping then see an ordinary full-size gradient).
+    Forward gives, for each parameter, a tensor with the parameter's storage and the block's shape and strides: no
+    copy, and, unlike a view, no per-call op. It is not an autograd view of the parameter, so an optimizer step that
+    updates the parameter in place leaves this node as its gradient function (autograd would replace a view's by a
+    generic ``as_strided`` backward of two ops): ``ActiveParams`` builds the aliases once per width and reuses them
+    across steps. Backward zero-pads each gradient to its parameter's shape, one op per parameter: the floor for a
+    sliced leaf (gradient hooks, DDP, accumulation and clipping then see an ordinary full-size gradient).
     """
 
     @staticmethod
-    def forward(ctx, shapes: Sequence[Shape], *params: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward(ctx, blocks: Sequence[Block], *params: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.pads = [_padding(shape, p.shape) for p, shape in zip(params, shapes, strict=True)]
-        return tuple(_storage_alias(p, shape) for p, shape in zip(params, shapes, strict=True))
+        ctx.blocks = blocks
+        ctx.shapes = [p.shape for p in params]
+        return tuple(_storage_alias(p, b) for p, b in zip(params, blocks, strict=True))
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]) -> tuple:
-        return (None, *(None if g is None else F.pad(g, pad) for g, pad in zip(grads, ctx.pads, strict=True)))
+        return (None, *(None if g is None else _grad_of_block(g, b, shape)
+                        for g, b, shape in zip(grads, ctx.blocks, ctx.shapes, strict=True)))
 
 
-def _storage_alias(p: torch.Tensor, shape: Shape) -> torch.Tensor:
-    # The leading block of a strided tensor keeps its strides and storage offset.
-    return p.new_empty(0).set_(p.untyped_storage(), p.storage_offset(), shape, p.stride())
+def _storage_alias(p: torch.Tensor, block: Block) -> torch.Tensor:
+    # A leading block of a strided tensor keeps its strides and storage offset; a permutation reorders both.
+    grid_strides = p.stride() if block.grid is None else p.view(block.grid).stride()
+    sizes, order = _resolved(block, p), block.perm or tuple(range(len(block.sizes)))
+    return p.new_empty(0).set_(p.untyped_storage(), p.storage_offset(), [sizes[d] for d in order],
+                               [grid_strides[d] for d in order])
 
 
-def _padding(shape: Shape, full: Sequence[int]) -> List[int]:
-    """``F.pad`` amounts (last dimension first) that grow ``shape`` to ``full`` at the end of every dimension."""
-    return [amount for n, m in zip(reversed(shape), reversed(full), strict=True) for amount in (0, m - n)]
-
-
-def _leading_view(p: torch.Tensor, shape: Shape) -> torch.Tensor:
-    for dim, (n, m) in enumerate(zip(shape, p.shape, strict=True)):
-        if n != m:
-            p = p.narrow(dim, 0, n)
-    return p
+def _grad_of_block(g: torch.Tensor, block: Block, shape: torch.Size) -> torch.Tensor:
+    """The full-size gradient of a parameter of ``shape`` whose ``block`` got gradient ``g``: one ``F.pad``."""
+    if block.perm is not None:
+        g = g.permute([block.perm.index(d) for d in range(len(block.perm))])
+    grid = tuple(shape) if block.grid is None else block.grid
+    pad = [amount for n, m in zip(reversed(g.shape), reversed(grid), strict=True) for amount in (0, m - n)]
+    return F.pad(g, pad).view(shape)
 
 
 def _can_alias(params: Sequence[torch.Tensor]) -> bool:
@@ -64,36 +107,43 @@ def _can_alias(params: Sequence[torch.Tensor]) -> bool:
 
 
 class ActiveParams(nn.Module):
-    """Mixin for sliceable layers: the leading blocks of their parameters at the active width, built once per width.
+    """Mixin for sliceable layers: the blocks of their parameters at the active width, built once per width.
 
-    ``leading(params, shapes)`` returns each parameter itself where the shape is its full shape, else its leading
-    block. In eager mode the blocks come from ``_LeadingAliases`` and are cached per set of shapes, so a call at a
-    width seen before dispatches no slicing op at all, in training as in inference. A cached block is rebuilt when
-    its parameter was replaced, moved to other storage (``.to()``, ``param.data = ...``) or (un)frozen; in-place
-    updates (optimizer steps, ``load_state_dict``) need no rebuild since the blocks share the parameter's storage.
-    One caveat, as for any tensor that shares storage without being a view: autograd cannot see an in-place change
-    of a parameter made between a forward and its backward (training loops never make one).
+    ``leading(params, blocks)`` returns each parameter itself where its block is the whole of it, else the block
+    (a ``Block``, or a tuple of per-dimension lengths for a plain leading block, None meaning the full length). In
+    eager mode the blocks come from ``_LeadingAliases`` and are cached per set of blocks, so a call at a width seen
+    before dispatches no slicing op at all, in training as in inference. A cached block is rebuilt when its parameter
+    was replaced, moved to other storage (``.to()``, ``param.data = ...``) or (un)frozen; in-place updates
+    (optimizer steps, ``load_state_dict``, an EMA writing through ``state_dict()``) need no rebuild since the blocks
+    share the parameter's storage. One caveat, as for any tensor that shares storage without being a view: autograd
+    cannot see an in-place change of a parameter made between a forward and its backward (training loops never make
+    one).
     """
 
-    def leading(self, params: Sequence[Optional[torch.Tensor]], shapes: Sequence[Optional[Shape]]) -> tuple:
-        todo = [i for i, (p, s) in enumerate(zip(params, shapes, strict=True))
-                if p is not None and tuple(p.shape) != tuple(s)]
+    def leading(self, params: Sequence[Optional[torch.Tensor]], blocks: Sequence[Any]) -> tuple:
+        blocks = [b if b is None or isinstance(b, Block) else Block(tuple(b)) for b in blocks]
+        if not all(b is None or _is_concrete(b) for b in blocks) or not all(
+                p is None or isinstance(p, torch.Tensor) for p in params):  # FX symbolic tracing: record views
+            return tuple(p if p is None else _block_view(p, b) for p, b in zip(params, blocks, strict=True))
+        todo = [i for i, (p, b) in enumerate(zip(params, blocks, strict=True))
+                if p is not None and not _is_whole(b, p)]
         if not todo:
             return tuple(params)
         sliced = [params[i] for i in todo]
         if not _can_alias(sliced):
             out = list(params)
             for i in todo:
-                out[i] = _leading_view(params[i], shapes[i])
+                out[i] = _block_view(params[i], blocks[i])
             return tuple(out)
-        key = tuple(None if s is None else tuple(s) for s in shapes)
+        key = tuple(None if b is None else (_resolved(b, p), b.grid, b.perm) for p, b in zip(params, blocks,
+                                                                                              strict=True))
         stamp = tuple((id(p), p.data_ptr(), p.requires_grad) for p in sliced)
         cache = self.__dict__.setdefault('_leading_cache', {})
         hit = cache.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
         with torch.inference_mode(False), torch.enable_grad():
-            aliases = _LeadingAliases.apply([tuple(shapes[i]) for i in todo], *sliced)
+            aliases = _LeadingAliases.apply([blocks[i] for i in todo], *sliced)
         out = list(params)
         for i, alias in zip(todo, aliases, strict=True):
             out[i] = alias
@@ -145,7 +195,7 @@ class SliceableConv2d(ActiveParams, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.active_out_channels or self.out_channels
-        weight, bias = self.leading((self.weight, self.bias), ((n, *self.weight.shape[1:]), (n,)))
+        weight, bias = self.leading((self.weight, self.bias), ((n, None, None, None), (n,)))
         return self._conv_forward(x, weight, bias)
 
 
@@ -162,25 +212,55 @@ class SliceablePatchEmbed(PatchEmbed):
         )
 
 
-def qkv_to_head_major(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """timm's fused qkv rows (q of every head, then k, then v) -> head-major rows (q, k, v of head 0, then head 1,
-    ...). ``t``: ``(3 * dim, ...)``; returns a contiguous copy of the same shape."""
-    return t.unflatten(0, (3, num_heads, -1)).transpose(0, 1).reshape(t.shape).contiguous()
+class SliceableQKV(ActiveParams, nn.Linear):
+    """timm's fused qkv projection, ``nn.Linear(dim, 3 * dim)`` whose rows are every head's q, then k, then v, that
+    projects onto the first ``x.shape[-1] // head_dim`` heads.
 
+    At full width it runs timm's ops (one GEMM). Below it, the active rows are the leading rows of each of the q, k
+    and v blocks: three equal blocks of one strided alias of the weight, projected by one batched GEMM
+    (``baddbmm``) with no copy of the weight. The parameter keeps timm's layout, so ``state_dict()`` hands out the
+    parameter itself. The price in training is one op per block in the backward: the three blocks' input gradients
+    are summed (``x`` feeds all three), which a single GEMM over a contiguous weight does inside the GEMM.
+    """
 
-def qkv_to_timm(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of ``qkv_to_head_major``."""
-    return t.unflatten(0, (num_heads, 3, -1)).transpose(0, 1).reshape(t.shape).contiguous()
+    def __init__(self, dim: int, num_heads: int, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__(dim, 3 * dim, bias=bias, device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x``: ``(B, N, width)``; returns q, k, v, each ``(B, width // head_dim, N, head_dim)``."""
+        B, N, width = x.shape
+        heads = width // self.head_dim
+        if isinstance(width, int) and width == self.in_features:  # timm's ops, exactly
+            qkv = F.linear(x, self.weight, self.bias).reshape(B, N, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+        dim = self.in_features
+        weight, bias = self.leading((self.weight, self.bias), (
+            Block((None, width, width), grid=(3, dim, dim), perm=(0, 2, 1)),  # (3, in, out): x @ block.T per s
+            Block((None, None, width), grid=(3, 1, dim))))
+        # Without autograd (serving), one as_strided replaces each pair of views: same tensors, one op less each,
+        # which keeps the forward's dispatched ops at timm's count (docs/benchmarks.md).
+        metadata_only = not torch.is_grad_enabled() and isinstance(width, int) and x.is_contiguous()
+        if metadata_only:
+            x3 = x.as_strided((3, B * N, width), (0, width, 1))
+        else:
+            x3 = x.reshape(1, B * N, width).expand(3, -1, -1)
+        qkv = torch.bmm(x3, weight) if bias is None else torch.baddbmm(bias, x3, weight)  # (3, B * N, width)
+        if metadata_only:
+            hd = self.head_dim
+            qkv = qkv.as_strided((3, B, heads, N, hd), (B * N * width, N * width, hd, width, 1))
+        else:
+            qkv = qkv.view(3, B, N, heads, self.head_dim).transpose(2, 3)
+        return qkv.unbind(0)
 
 
 class SliceableAttention(nn.Module):
-    """Multi-head self-attention over the first ``x.shape[-1] // head_dim`` heads.
+    """Multi-head self-attention over the first ``x.shape[-1] // head_dim`` heads; timm's ``Attention`` otherwise.
 
-    ``qkv`` is stored head-major (rows: q, k, v of head 0, then of head 1, ...), so the rows of the first k heads are
-    one leading block and the projection is a single GEMM on it, with no gather copy. ``state_dict`` and
-    ``load_state_dict`` convert to and from timm's fused layout (all q heads, all k heads, all v heads), so keys and
-    tensors stay exactly those of timm's ``Attention``; ``state_dict()`` therefore returns a copy of the qkv
-    tensors, and code that updates a state dict in place (an EMA) must use ``parameters()`` instead.
+    Keys, shapes and layouts of the parameters are timm's (``qkv``: all q heads, all k heads, all v heads).
+    ``fused_attn`` is timm's switch: True runs ``F.scaled_dot_product_attention``; False computes the attention
+    matrix explicitly and passes it through ``attn_drop``, where attention-rollout and explainability tools hook it.
     """
 
     def __init__(
@@ -206,12 +286,12 @@ class SliceableAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = SliceableLinear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = SliceableQKV(dim, num_heads, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = SliceableLinear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.register_state_dict_post_hook(_qkv_state_dict_to_timm)
-        self.register_load_state_dict_pre_hook(_qkv_state_dict_from_timm)
 
     def forward(
             self,
@@ -219,33 +299,23 @@ class SliceableAttention(nn.Module):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        """``x``: ``(B, N, width)``, width a multiple of ``head_dim``; returns ``(B, N, width)``."""
+        """``x``: ``(B, N, width)``, width a multiple of ``head_dim``; returns ``(B, N, width)``. ``attn_mask`` and
+        ``is_causal`` as in ``F.scaled_dot_product_attention``."""
         B, N, width = x.shape
-        heads = width // self.head_dim
-        qkv = self.qkv(x, 3 * width).reshape(B, N, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.,
-            is_causal=is_causal,
-        )
+        q, k, v = self.qkv(x)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.,
+                is_causal=is_causal,
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, width)
         return self.proj_drop(self.proj(x, width))
-
-
-def _qkv_state_dict_to_timm(module: SliceableAttention, state_dict: dict, prefix: str, local_metadata) -> None:
-    for name in ('qkv.weight', 'qkv.bias'):
-        if prefix + name in state_dict:
-            state_dict[prefix + name] = qkv_to_timm(state_dict[prefix + name].detach(), module.num_heads)
-
-
-def _qkv_state_dict_from_timm(module: SliceableAttention, state_dict: dict, prefix: str, *args) -> None:
-    for name in ('qkv.weight', 'qkv.bias'):
-        t = state_dict.get(prefix + name)
-        # A tensor of another shape is left for load_state_dict's own size-mismatch error.
-        if isinstance(t, torch.Tensor) and t.shape == getattr(module.qkv, name.split('.')[1]).shape:
-            state_dict[prefix + name] = qkv_to_head_major(t, module.num_heads)
 
 
 class SliceableMlp(nn.Module):
@@ -299,37 +369,3 @@ class SeparateClassifiers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifiers[str(x.shape[-1] // self.head_dim)](x)
-
-
-def timm_layout_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Make ``optimizer.state_dict()`` hold the qkv parameters' state (AdamW's moments, SGD's momentum) in timm's
-    layout, as the model's state dict does, and ``optimizer.load_state_dict`` take it back.
-
-    Checkpoints then hold one layout throughout, the one hydravit wrote before it stored qkv head-major, so those
-    resume exactly too. ``model`` may be wrapped (DDP, compile); the hooks find its ``SliceableAttention`` modules.
-    """
-    heads_of = {}
-    for module in model.modules():
-        if isinstance(module, SliceableAttention):
-            heads_of.update({id(p): module.num_heads for p in module.qkv.parameters()})
-
-    def qkv_indices() -> dict:
-        # state_dict() numbers parameters in param_groups order, from 0
-        params = (p for group in optimizer.param_groups for p in group['params'])
-        return {i: (heads_of[id(p)], p.shape) for i, p in enumerate(params) if id(p) in heads_of}
-
-    def convert(state_dict: dict, fn) -> None:
-        for i, (heads, shape) in qkv_indices().items():
-            state = state_dict['state'].get(i)
-            if state is not None:  # a new dict: the optimizer's own state must not change
-                state_dict['state'][i] = {key: fn(t, heads) if isinstance(t, torch.Tensor) and t.shape == shape else t
-                                          for key, t in state.items()}
-
-    optimizer.register_state_dict_post_hook(lambda opt, state_dict: convert(state_dict, qkv_to_timm))
-
-    def load_pre_hook(opt, state_dict: dict) -> dict:
-        state_dict = dict(state_dict, state=dict(state_dict['state']))  # the caller's dict stays as it was
-        convert(state_dict, qkv_to_head_major)
-        return state_dict
-
-    optimizer.register_load_state_dict_pre_hook(load_pre_hook)

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
 from .layers import (
@@ -20,7 +20,6 @@ from .layers import (
     SliceableLinear,
     SliceableMlp,
     SliceablePatchEmbed,
-    qkv_to_head_major,
 )
 
 __all__ = ['HydraViT']
@@ -58,6 +57,8 @@ class HydraViT(ActiveParams, VisionTransformer):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             weight_init: str = '',
+            dynamic_img_size: bool = False,
+            dynamic_img_pad: bool = False,
             separate_classifiers: Optional[Sequence[int]] = None,
             active_heads: Optional[int] = None,
             device=None,
@@ -72,6 +73,7 @@ class HydraViT(ActiveParams, VisionTransformer):
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
             no_embed_class=no_embed_class, reg_tokens=reg_tokens, fc_norm=fc_norm,
+            dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad,
         )
         super().__init__(
             **vit_args,
@@ -165,6 +167,10 @@ class HydraViT(ActiveParams, VisionTransformer):
         # A plain int attribute: torch.compile specializes on it and guards it, so every k gets its own graph
         # (docs/training.md, --torchcompile) instead of silently reusing another width's.
         self.patch_embed.proj.active_out_channels = self.active_embed_dim
+        # timm's feature introspection (feature_info.channels(), and the FeatureInfo of a features_only model, which
+        # holds these same dicts) reports the width the features have.
+        for info in self.feature_info:
+            info['num_chs'] = self.active_embed_dim
 
     # --- timm hooks ------------------------------------------------------------------------------
     def _make_head(self, num_classes: int) -> nn.Module:
@@ -206,10 +212,19 @@ class HydraViT(ActiveParams, VisionTransformer):
         self.set_heads(self.active_heads)  # the (new) projection emits the active width
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, L, width)``, or ``(B, H, W, width)`` with ``dynamic_img_size`` (the position table is then
+        resampled to the H x W grid, as timm does); returns ``(B, prefix + L, width)``."""
         width = x.shape[-1]
         tokens = (self.cls_token, self.reg_token, self.pos_embed)
-        cls_token, reg_token, pos_embed = self.leading(
-            tokens, [None if t is None else (*t.shape[:-1], width) for t in tokens])
+        cls_token, reg_token, pos_embed = self.leading(tokens, [None if t is None else (None, None, width)
+                                                                for t in tokens])
+        if self.dynamic_img_size:
+            B, H, W, _ = x.shape
+            if pos_embed is not None:
+                pos_embed = resample_abs_pos_embed(
+                    pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
+                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+            x = x.reshape(B, H * W, width)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (cls_token, reg_token) if t is not None]
         if pos_embed is None:
             x = torch.cat(prefix + [x], dim=1)
@@ -219,22 +234,16 @@ class HydraViT(ActiveParams, VisionTransformer):
             x = torch.cat(prefix + [x], dim=1) + pos_embed
         return self.pos_drop(x)
 
-    def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
-        """timm's loader of big_vision ``.npz`` weights, which writes qkv in timm's layout straight into it."""
-        super().load_pretrained(checkpoint_path, prefix)
-        self._qkv_from_timm_layout()
-
-    @torch.no_grad()
-    def _qkv_from_timm_layout(self) -> None:
-        for block in self.blocks:
-            for p in (block.attn.qkv.weight, block.attn.qkv.bias):
-                if p is not None:
-                    p.copy_(qkv_to_head_major(p, self.num_heads))
-
     def subnetwork_params(self, k: Optional[int] = None) -> int:
         """Parameter count of the subnetwork with ``k`` heads (default: the active one)."""
         from .export import subnetwork_state_dict  # local import: export depends on this module
         return sum(t.numel() for t in subnetwork_state_dict(self, self.active_heads if k is None else k).values())
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse in one line rather than fail deep inside the compiler.
+        raise RuntimeError('HydraViT cannot be compiled by torch.jit.script (its width is chosen at run time); use '
+                           'torch.compile, torch.export, hydravit.export_subnetwork (a plain timm ViT) or the ONNX '
+                           'export (python -m hydravit.deploy export)')
 
 
 def _is_int(value: Any) -> bool:

@@ -28,7 +28,6 @@ Progress goes to stderr; the summary (plain or ``--markdown``) to stdout. Small 
 (docs/benchmarks.md lists the commands behind its numbers).
 """
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import hydravit  # noqa: E402  registers the models with timm
+from hydravit.checkpoint import write_json  # noqa: E402
 from hydravit.cli import parse_heads  # noqa: E402
 from hydravit.evaluation.common import add_amp_args, autocast  # noqa: E402
 from hydravit.evaluation.cuda_graph import GraphCache  # noqa: E402
@@ -539,7 +539,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         payload = {'command': ' '.join(sys.argv), 'args': {k: str(v) if isinstance(v, torch.device) else v
                                                          for k, v in vars(args).items()},
                    'environment': environment(args), 'results': results}
-        Path(args.output_json).write_text(json.dumps(payload, indent=2) + '\n')
+        write_json(args.output_json, payload, indent=2)  # valid JSON: a non-finite number as null
     print(format_report(results, args, args.markdown))
 
 

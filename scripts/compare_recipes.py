@@ -143,7 +143,8 @@ def run_one(recipe: Recipe, seed: int, data: Path, runs: Path, threads: int) -> 
         row = collect_validation(recipe, seed, out, wall + more_wall, cpu + more_cpu)
     row['threads'] = threads
     row['resumed'] = int('--resume' in cmd)  # its times cover the last part only
-    (out / 'result.json').write_text(json.dumps(row, indent=1))
+    from hydravit.checkpoint import write_json  # here: the plan and the report need no torch
+    write_json(out / 'result.json', row, indent=1)  # a NaN as null: valid JSON
     tidy_run(recipe, out, runs, seed)
     return row
 
@@ -228,11 +229,14 @@ def tidy_run(recipe: Recipe, out: Path, runs: Path, seed: int) -> None:
     for path in list(out.glob('checkpoint-*.pth.tar')) + [out / 'model_best.pth.tar']:
         path.unlink(missing_ok=True)
     if recipe.name == 'dedicated_k12':
-        import torch
         from safetensors.torch import save_file
 
-        state = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict_ema']
-        save_file({k.removeprefix('module.'): v.contiguous() for k, v in state.items()}, teacher_file(runs, seed))
+        from hydravit.checkpoint import extract_state_dict, load_checkpoint_file
+
+        # the shared reader: prefixes stripped, and NaN / inf EMA weights refused rather than made a teacher
+        path = out / 'last.pth.tar'
+        state = extract_state_dict(load_checkpoint_file(path), use_ema=True, source=str(path))
+        save_file({k: v.contiguous() for k, v in state.items()}, teacher_file(runs, seed))
 
 
 def git_commit() -> str:

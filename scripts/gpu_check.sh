@@ -218,9 +218,10 @@ BENCH_NOTE='^\| (3|12) \| (forward\+backward|latency, batch 1, CUDA)'
 run_step bench-slicing-fp32 "$LIMIT_EVAL" "$BENCH_NOTE" "$PY" scripts/bench_slicing.py --model "$BASE" "${BENCH[@]}" \
     -b 32 "${BENCH_GRAPH[@]}" --markdown --output-json "$OUT/results/bench_slicing_fp32.json"
 run_step bench-slicing-amp "$LIMIT_EVAL" "$BENCH_NOTE" "$PY" scripts/bench_slicing.py --model "$BASE" "${BENCH[@]}" \
-    --amp -b "$((DRY ? 4 : 256))" --no-memory --markdown --output-json "$OUT/results/bench_slicing_amp.json"
+    --amp --amp-dtype bfloat16 -b "$((DRY ? 4 : 256))" --no-memory --markdown \
+    --output-json "$OUT/results/bench_slicing_amp.json"
 for setting in fp32 amp; do
-    [ "$setting" = amp ] && PRECISION=(--amp -b "$((DRY ? 4 : 256))") || PRECISION=(-b 32)
+    [ "$setting" = amp ] && PRECISION=(--amp --amp-dtype bfloat16 -b "$((DRY ? 4 : 256))") || PRECISION=(-b 32)
     run_step "bench-slicing-compile-$setting" "$LIMIT_EVAL" '^\| [0-9]+ \| forward\+backward' "$PY" \
         scripts/bench_slicing.py --model "$BASE" "${BENCH[@]}" "${BENCH_COMPILE[@]}" "${PRECISION[@]}" --metrics train \
         --no-memory --markdown --output-json "$OUT/results/bench_slicing_compile_$setting.json"
@@ -248,12 +249,13 @@ run_step train-base-fp16-compile "$LIMIT_TRAIN" "$TRAIN_NOTE" ./distributed_trai
     --model "$BASE" "${TRAIN_COMMON[@]}" --heads 3 12 --subnets-per-step 2 --subnet-policy sandwich --inplace-kd \
     -b "$BASE_BATCH" --amp --amp-dtype float16 --channels-last "${COMPILE[@]}" --experiment base-fp16-compile
 run_step validate "$LIMIT_EVAL" '"top1"' "$PY" validate.py "$OUT/data/base" --model "$BASE" "${DEVICE[@]}" \
-    --checkpoint "$OUT/train/base-fp16-compile/last.pth.tar" --use-ema "${HEADS[@]}" -b 64 --amp --workers 2 \
+    --checkpoint "$OUT/train/base-fp16-compile/last.pth.tar" --use-ema "${HEADS[@]}" -b 64 --amp --amp-dtype bfloat16 --workers 2 \
     --results-file "$OUT/results/validate.csv"
 run_step throughput-fp32 "$LIMIT_EVAL" '"throughput"' "$PY" validate_throughput.py --model "$BASE" "${DEVICE[@]}" \
     "${HEADS[@]}" -b "$EVAL_BATCH" "${THROUGHPUT[@]}" --results-file "$OUT/results/throughput_fp32.csv"
 run_step throughput-amp "$LIMIT_EVAL" '"throughput"' "$PY" validate_throughput.py --model "$BASE" "${DEVICE[@]}" \
-    "${HEADS[@]}" -b "$EVAL_BATCH" "${THROUGHPUT[@]}" --amp --results-file "$OUT/results/throughput_amp.csv"
+    "${HEADS[@]}" -b "$EVAL_BATCH" "${THROUGHPUT[@]}" --amp --amp-dtype bfloat16 \
+    --results-file "$OUT/results/throughput_amp.csv"
 run_step memory "$LIMIT_EVAL" '"peak' "$PY" validate_memory.py --model "$BASE" "${DEVICE[@]}" "${HEADS[@]}" \
     --results-file "$OUT/results/memory.csv"
 

@@ -199,7 +199,7 @@ def test_profile_accuracy_file_and_bad_input(image_folder, tmp_path, capsys):
     assert err.endswith('error: --accuracy: give DATA or --accuracy, not both (top-1 comes from one of them)\n')
     bad = tmp_path / 'bad.csv'
     bad.write_text('heads,loss\n2,0.5\n')
-    assert 'needs numeric heads and top1' in expect_exit(profile.main, [*base, '--accuracy', str(bad)], capsys)
+    assert 'needs numeric heads and a finite top1' in expect_exit(profile.main, [*base, '--accuracy', str(bad)], capsys)
     err = expect_exit(profile.main, ['--model', SMALL, '-o', str(tmp_path / 'p.txt')], capsys)
     assert err.endswith("error: -o/--output must end in .json, got '" + str(tmp_path / 'p.txt') + "'\n")
     assert not (tmp_path / 'p.json').exists()
@@ -526,8 +526,8 @@ def test_serve_bench_floor_and_bad_arguments(image_folder, checkpoint, trained_c
     assert 'error: --budget-ms / --min-top1: no head count meets every bound: --max-latency-ms 1e-06' in err
     err = expect_exit(serve_bench.main, [str(image_folder), '--checkpoint', str(checkpoint), '--budget-ms', '5',
                                          '--device', 'cpu'], capsys)
-    assert err.endswith(f'error: --heads: {checkpoint} records no trained head counts (it was not written by '
-                        'hydravit.train); pass --heads with the k it was trained on\n')
+    assert err.endswith(f'error: --heads: {checkpoint} records no trained head counts (neither heads nor '
+                        'args.heads); pass --heads with the k it was trained on\n')
     err = expect_exit(serve_bench.main, [*base, '--budget-ms', '5', '-b', '9'], capsys)
     assert err.endswith('error: -b/--batch-size 9: DATA has only 8 images\n')
     err = expect_exit(serve_bench.main, ['--model', SMALL, '--budget-ms', '5'], capsys)

@@ -8,7 +8,6 @@ from timm.models import VisionTransformer
 
 import hydravit
 from hydravit import HydraViT
-from hydravit.layers import qkv_to_timm
 
 SMALL = 'hydravit_dyn_patch4_32'
 SMALL_VIT_ARGS = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=12)
@@ -140,9 +139,11 @@ def test_gradients_exactly_zero_outside_active_slice(k):
         mask = expected_active_region(name, param.shape, k)
         assert param.grad is not None, name
         grad = param.grad
-        if '.qkv.' in name:  # stored head-major; the paper's rule is written in timm's layout
-            grad = qkv_to_timm(grad, model.num_heads)
         assert torch.count_nonzero(grad[~mask]) == 0, f'{name}: gradient outside the active slice'
+        if name.endswith('attn.qkv.bias'):  # the k rows' gradient is 0 up to rounding: softmax ignores a shift
+            mask = mask.clone().view(3, -1)
+            mask[1] = False
+            grad = grad.view(3, -1)
         assert torch.count_nonzero(grad[mask]) > 0.9 * mask.sum(), f'{name}: active slice has no gradient'
 
 

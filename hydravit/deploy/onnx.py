@@ -33,7 +33,8 @@ def missing_requirements() -> Tuple[str, ...]:
 
 
 def export_onnx(model: HydraViT, k: int, path, input_size: Sequence[int], opset: int = DEFAULT_OPSET) -> Path:
-    """Write the k-head subnetwork of ``model`` as ONNX to ``path`` (batch axis dynamic)."""
+    """Write the k-head subnetwork of ``model`` as ONNX to ``path`` (batch axis dynamic); weights holding NaN or
+    inf are refused before anything is traced or written (``NonFiniteWeightsError``, from ``export_subnetwork``)."""
     vit = export_subnetwork(model, k).to('cpu').float().eval()
     example = torch.randn(2, *input_size)  # a batch of 1 would be specialized into the graph as a constant
     program = torch.onnx.export(

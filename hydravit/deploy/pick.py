@@ -10,7 +10,6 @@ holds the rows that no other row beats on accuracy and on every cost at once; th
 on it.
 """
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -18,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import timm
 import torch
 
+from ..checkpoint import to_json
 from ..evaluation import throughput
 from ..evaluation.common import MODEL_DTYPES, Row, UsageError, resolve_device
 from ..evaluation.cuda_graph import GraphCache
@@ -166,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         result['verify'] = verify(profile, chosen, device, out=sys.stderr if args.json else sys.stdout,
                                   settings=verify_settings(profile, args))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
     return result
 
 

@@ -9,10 +9,11 @@ is one JSON object ``{"device": {...}, "model": {...}, "rows": [...]}`` (schema 
 """
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..checkpoint import atomic_write
+from ..checkpoint import write_json
 from ..evaluation import memory, sweep, throughput
 from ..evaluation.common import (
     EvalSession,
@@ -97,10 +98,11 @@ def load_accuracy(path: str) -> Dict[int, float]:
         raise UsageError(f'--accuracy: cannot read {path}: {e}') from e
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise UsageError(f'--accuracy: {path} holds no result rows')
-    usable = [r for r in rows if isinstance(r.get('heads'), int) and isinstance(r.get('top1'), (int, float))]
+    usable = [r for r in rows if isinstance(r.get('heads'), int) and isinstance(r.get('top1'), (int, float))
+              and math.isfinite(r['top1'])]  # a CSV's 'nan' parses as a float
     if len(usable) != len(rows):
-        raise UsageError(f'--accuracy: every row of {path} needs numeric heads and top1 (a sweep or validate.py '
-                         'results file)')
+        raise UsageError(f'--accuracy: every row of {path} needs numeric heads and a finite top1 (a sweep or '
+                         'validate.py results file)')
     return {int(r['heads']): float(r['top1']) for r in usable}
 
 
@@ -156,11 +158,9 @@ def _model_info(session: EvalSession) -> dict:
 
 # --- the file --------------------------------------------------------------------------------------------
 def write_profile(profile: dict, path) -> Path:
+    """Check ``profile`` against the schema (a NaN or inf row value is refused) and write it as JSON."""
     check_profile(profile, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(profile, indent=2) + '\n'))
-    return path
+    return write_json(path, profile, indent=2)  # any other non-finite number (device info) as null
 
 
 def read_profile(path) -> dict:
@@ -205,8 +205,8 @@ def _check_row(row, where: str) -> None:
         value = row[key]
         if key == 'top1' and value is None:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ProfileError(f'{where} (heads {row["heads"]}): {key} must be a number >= 0, got {value!r}')
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ProfileError(f'{where} (heads {row["heads"]}): {key} must be a finite number >= 0, got {value!r}')
 
 
 def profile_rows(profile) -> List[Row]:

@@ -24,7 +24,6 @@ and reports mean +- std over the repeats. ``OUTPUT/serve_bench.json`` keeps the 
 call of every run and the summaries; ``OUTPUT/serve_bench.png`` plots the first repeat.
 """
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint import atomic_write
+from ..checkpoint import write_json
 from ..evaluation import throughput
 from ..evaluation.accuracy import evaluate_heads
 from ..evaluation.common import (
@@ -115,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(130) from None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / 'serve_bench.json', lambda tmp: tmp.write_text(json.dumps(result) + '\n'))
+    write_json(out / 'serve_bench.json', result)  # non-finite numbers as null: valid JSON
     png = plot_serve_bench(result, out / 'serve_bench.png')
     if args.results_file:
         write_results(result['summary'], args.results_file, _aggregate_keys())

@@ -73,14 +73,23 @@ def evaluate_heads(
     """One pass over ``loader``; per head count: top-1, top-5 (in %), mean cross-entropy, image count.
 
     Used by ``validate.py`` and by the trainer's periodic validation. With ``distributed`` the sums are
-    all-reduced over the process group. ``prepare_input`` moves a batch to the device (and the model's dtype /
-    layout); by default it is ``.to(device)``. The model's active head count is restored afterwards.
+    all-reduced over the process group, and the copies a distributed sampler pads the ranks with are left out, so
+    every image counts once on any number of processes (``RuntimeError`` if the ranks did not see each image once).
+    ``prepare_input`` moves a batch to the device (and the model's dtype / layout); by default it is ``.to(device)``.
+    The model's active head count is restored afterwards.
     """
     heads, previous = list(heads), model.active_heads
     tallies: Dict[int, _Tally] = {k: _Tally() for k in heads}
     num_batches, start = len(loader), time.perf_counter()
+    genuine = genuine_samples(getattr(loader, 'sampler', None)) if distributed else None
+    seen = 0
     with torch.inference_mode():
         for step, (images, target) in enumerate(loader, 1):
+            if genuine is not None:  # the padding copies come last on every rank
+                keep, seen = max(0, genuine - seen), seen + target.shape[0]
+                images, target = images[:keep], target[:keep]
+                if keep == 0:
+                    continue
             images = prepare_input(images) if prepare_input else images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             for k in heads:
@@ -93,9 +102,33 @@ def evaluate_heads(
     model.set_heads(previous)
     if distributed:
         _all_reduce(tallies, device)
+        _check_each_image_once(loader, tallies[heads[0]].count)
     if tallies[heads[0]].count == 0:
         raise RuntimeError('the data loader yielded no images')
     return [tallies[k].row(k, model.head_dim) for k in heads]
+
+
+def genuine_samples(sampler) -> Optional[int]:
+    """How many of a distributed sampler's indices on this rank are dataset images rather than padding, or None for
+    a sampler that is not split over ranks.
+
+    timm's ``OrderedDistributedSampler`` and torch's ``DistributedSampler`` give rank r the positions r, r + W,
+    r + 2W, ... of the dataset's (possibly shuffled) order, wrapped around to reach the same count on every rank: the
+    positions at or past the dataset's length are copies, and they are the last ones of each rank.
+    """
+    if not all(hasattr(sampler, name) for name in ('num_replicas', 'rank', 'dataset')):
+        return None
+    size, replicas = len(sampler.dataset), sampler.num_replicas
+    return min(len(sampler), max(0, (size - sampler.rank + replicas - 1) // replicas))
+
+
+def _check_each_image_once(loader, count: int) -> None:
+    """After the all-reduce: the ranks together counted each dataset image once (a sampler that drops or pads
+    differently would make every metric a wrong fraction)."""
+    dataset = getattr(loader, 'dataset', None)
+    if dataset is not None and hasattr(dataset, '__len__') and count != len(dataset):
+        raise RuntimeError(f'distributed evaluation counted {count} images, but the dataset has {len(dataset)}: '
+                           f'the sampler ({type(loader.sampler).__name__}) must give each image to one rank once')
 
 
 def _all_reduce(tallies: Dict[int, _Tally], device: torch.device) -> None:

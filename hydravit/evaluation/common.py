@@ -18,9 +18,19 @@ import torch
 from timm.data import IterableImageDataset, create_dataset, create_loader, resolve_data_config
 from timm.utils import random_seed, reparameterize_model
 
-from ..checkpoint import atomic_write
-from ..classes import dataset_class_to_idx, match_classes, shown
-from ..cli import add_model_args, create_model_from_args, resolve_heads
+from ..checkpoint import atomic_write, to_json
+from ..classes import (
+    check_class_folders,
+    dataset_class_to_idx,
+    ignores_class_map,
+    match_classes,
+    read_class_map,
+    recorded_class_names,
+    relabel,
+    shown,
+    torchvision_folder_error,
+)
+from ..cli import add_model_args, create_model_from_args, recorded_heads, resolve_heads
 from ..model import HydraViT
 from .environment import SETTINGS_KEYS, add_cuda_args, apply_cuda_args, settings_row
 
@@ -64,8 +74,7 @@ class EvalSession:
     @property
     def class_names(self) -> Optional[List[str]]:
         """The classes the checkpoint was trained on, in label order (recorded by hydravit.train), else None."""
-        names = (self.checkpoint or {}).get('class_names')
-        return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+        return recorded_class_names(self.checkpoint)
 
 
 # --- arguments ---------------------------------------------------------------------------------------
@@ -90,7 +99,8 @@ def create_parser(description: str, data_required: bool, default_batch_size: int
     parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42, as timm)')
     parser.add_argument('--results-file', default='', metavar='FILE',
-                        help='write the per-k rows to FILE: .json (list of objects) or .csv (header + one row per k)')
+                        help='write the per-k rows to FILE: CSV (header + one row per k) as timm, JSON (a list of '
+                             'objects) when FILE ends in .json or with --results-format json')
     parser.add_argument('--reparam', action='store_true',
                         help="timm's reparameterize_model (a ViT has nothing to fuse)")
     parser.add_argument('--num-gpu', type=int, default=1, metavar='N', help='1 only: run one process per GPU')
@@ -137,7 +147,8 @@ REFUSED_FLAGS = {
     '--channels-last': (0, 'not supported by this tool'),
     '--torchcompile': ('?', 'not supported by this tool'),
     '--torchcompile-mode': (1, 'not supported by this tool'),
-    '--results-format': (1, "not supported by this tool: --results-file's suffix (.json or .csv) sets the format"),
+    '--results-format': (1, 'not supported by this tool: --results-file FILE is JSON when FILE ends in .json, '
+                            'else CSV'),
 }
 
 
@@ -153,7 +164,7 @@ def add_refused_args(parser: argparse.ArgumentParser) -> None:
 def add_results_format_arg(parser: argparse.ArgumentParser) -> None:
     """timm's ``--results-format`` for tools that write their results through ``report`` / ``write_results``."""
     parser.add_argument('--results-format', default=None, choices=RESULT_FORMATS,
-                        help='format of --results-file (default: from its suffix, which must then be .json or .csv)')
+                        help='format of --results-file (default: json for a .json file, else csv, as timm)')
 
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -200,8 +211,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_amp_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Mixed precision')
     group.add_argument('--amp', action='store_true', help='run the forward under torch.autocast')
-    group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
-                       help='autocast dtype (default: bfloat16)')
+    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
+                       help="autocast dtype (default: float16, as timm's validate.py and train.py)")
 
 
 def autocast(args: argparse.Namespace, device: torch.device):
@@ -258,9 +269,6 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f'-b/--batch-size must be >= 1, got {args.batch_size}')
     fmt = getattr(args, 'results_format', None)
     suffix = Path(args.results_file).suffix.lower() if args.results_file else ''
-    if args.results_file and fmt is None and suffix not in RESULT_SUFFIXES:
-        raise UsageError(f'--results-file must end in .json or .csv (or pass --results-format), '
-                         f'got {args.results_file!r}')
     if fmt is not None and suffix in RESULT_SUFFIXES and suffix != f'.{fmt}':
         raise UsageError(f'--results-format {fmt} contradicts --results-file {args.results_file}')
     if args.data is not None and not args.dataset and not Path(args.data).is_dir():
@@ -293,7 +301,7 @@ def runnable_heads(model: HydraViT) -> List[int]:
 
 
 def _select_heads(args, model: HydraViT, checkpoint: Optional[dict], all_heads: bool) -> List[int]:
-    if args.heads is None and (all_heads or (model.separate_classifiers and not (checkpoint or {}).get('heads'))):
+    if args.heads is None and (all_heads or (model.separate_classifiers and not recorded_heads(checkpoint))):
         return runnable_heads(model)  # every k, or every k that has a classifier
     try:
         heads = resolve_heads(args, model, checkpoint)
@@ -304,7 +312,8 @@ def _select_heads(args, model: HydraViT, checkpoint: Optional[dict], all_heads: 
 
 def trained_heads(args: argparse.Namespace, model: HydraViT, checkpoint: Optional[dict]) -> List[int]:
     """The head counts to serve: ``--heads``, else those the checkpoint was trained on (``hydravit.train`` records
-    them), else, for random weights (no ``--checkpoint``), every k: none is trained, only costs are measured.
+    them as ``heads``, the official HydraViT code as ``args.heads``: ``cli.recorded_heads``), else, for random
+    weights (no ``--checkpoint``), every k: none is trained, only costs are measured.
 
     Raises ``UsageError`` for a checkpoint that records no head set (a plain state dict, a converted ViT): which
     widths work is then unknown, so ``--heads`` must say. A ``--heads`` beyond the trained set gets a warning.
@@ -312,8 +321,8 @@ def trained_heads(args: argparse.Namespace, model: HydraViT, checkpoint: Optiona
     if args.heads is None and checkpoint is None:
         return runnable_heads(model)
     if args.heads is None and model.trained_heads is None:
-        raise UsageError(f'--heads: {args.checkpoint} records no trained head counts (it was not written by '
-                         'hydravit.train); pass --heads with the k it was trained on')
+        raise UsageError(f'--heads: {args.checkpoint} records no trained head counts (neither heads nor '
+                         'args.heads); pass --heads with the k it was trained on')
     heads = sorted(_select_heads(args, model, checkpoint, all_heads=False))
     untrained = [k for k in heads if model.trained_heads is not None and k not in model.trained_heads]
     if untrained:
@@ -326,12 +335,16 @@ def create_eval_dataset(session: EvalSession):
     """timm dataset for DATA, labelled by the model's classes.
 
     Labels follow ``--class-map`` when given (timm's meaning), else the class names the checkpoint records,
-    matched by folder name; a folder the model was not trained on is an error. Raises ``UsageError`` when the
-    dataset is empty or has more classes than the model.
+    matched by class name, with any reader (``--dataset``: timm's, or torchvision's ``torch/...``, which timm
+    creates without a class map, so their labels are mapped by a target transform); a class the model was not
+    trained on is an error. Raises ``UsageError`` when the dataset is empty, its images are not in class
+    folders, or it has more classes than the model.
     """
     args = session.args
     class_map = getattr(args, 'class_map', '')
     dataset = _create_dataset(args, class_map)
+    if class_map and ignores_class_map(dataset):
+        dataset = _relabel(args, dataset, _read_class_map(args), '--class-map')
     found = dataset_class_to_idx(dataset)
     num_classes = session.model.num_classes
     if found and len(found) > num_classes:
@@ -353,7 +366,23 @@ def create_eval_dataset(session: EvalSession):
     if missing:
         warn(f'DATA has no images of {len(missing)} of the {len(names)} classes the model was trained on '
              f'({shown(missing)}); labels matched by class name')
-    return dataset if mapping is None else _create_dataset(args, mapping)
+    return dataset if mapping is None else _relabel(args, dataset, mapping, 'DATA')
+
+
+def _read_class_map(args: argparse.Namespace) -> Dict[str, int]:
+    try:
+        return read_class_map(args.class_map, args.data or '')
+    except (ValueError, OSError) as e:
+        raise UsageError(f'--class-map: {e}') from e
+
+
+def _relabel(args: argparse.Namespace, dataset, class_map: Dict[str, int], flag: str):
+    try:
+        return relabel(dataset, class_map, lambda mapping: _create_dataset(args, mapping))
+    except ValueError as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f'{flag}: {e}') from e
 
 
 def _create_dataset(args: argparse.Namespace, class_map):
@@ -361,8 +390,9 @@ def _create_dataset(args: argparse.Namespace, class_map):
     try:
         dataset = create_dataset(args.dataset, root=args.data, split=args.split, is_training=False,
                                  class_map=class_map or '', num_samples=num_samples, **_dataset_kwargs(args))
+        check_class_folders(dataset)
     except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
-        raise UsageError(f'DATA: {e}') from e
+        raise UsageError(f'DATA: {torchvision_folder_error(e) or e}') from e
     if num_samples is not None and not isinstance(dataset, IterableImageDataset):
         raise UsageError('--num-samples: applies to iterable datasets (--dataset tfds/..., wds/..., hfids/...); '
                          'an image folder is always read whole')
@@ -412,11 +442,12 @@ def round_row(row: Row) -> Row:
 def write_results(rows: Sequence[Row], path, keys: Optional[Sequence[str]] = None,
                   fmt: Optional[str] = None) -> Path:
     """Write ``rows`` as JSON (list of objects) or CSV (header + one row each), atomically. The format is
-    ``fmt`` ('csv' or 'json', timm's ``--results-format``), else the file's suffix."""
+    ``fmt`` ('csv' or 'json', timm's ``--results-format``), else JSON for a ``.json`` file and CSV for any other
+    name (timm writes CSV whatever the name)."""
     path = Path(path)
     keys = list(keys or rows[0].keys())
     path.parent.mkdir(parents=True, exist_ok=True)
-    as_csv = fmt == 'csv' if fmt else path.suffix.lower() == '.csv'
+    as_csv = fmt == 'csv' if fmt else path.suffix.lower() != '.json'
 
     def write(tmp: Path) -> None:
         with open(tmp, 'w', newline='') as f:
@@ -425,7 +456,8 @@ def write_results(rows: Sequence[Row], path, keys: Optional[Sequence[str]] = Non
                 writer.writeheader()
                 writer.writerows(rows)
             else:
-                json.dump([{key: row.get(key) for key in keys} for row in rows], f, indent=4)
+                # valid JSON: a non-finite metric (a NaN loss) is written as null, never a bare NaN
+                f.write(to_json([{key: row.get(key) for key in keys} for row in rows], indent=4))
                 f.write('\n')
     atomic_write(path, write)
     return path
@@ -459,7 +491,7 @@ def report(rows: Sequence[Row], keys: Sequence[str], results_file: str = '',
     rows = [{key: row[key] for key in keys} for row in rows]
     if results_file:
         write_results(rows, results_file, keys, results_format)
-    print(f'--result\n{json.dumps(rows, indent=4)}')
+    print(f'--result\n{to_json(rows, indent=4)}')
 
 
 def format_row(row: Row) -> str:

@@ -3,7 +3,10 @@
 DeepSpeed counts the operations of the functional calls it patches (``F.linear``, ``F.layer_norm``,
 ``F.conv2d``, ``F.scaled_dot_product_attention``, ...). HydraViT's layers call exactly these on the
 sliced tensors, so the sliced model profiles to the same MACs as the exported plain ViT (checked in
-the tests). DeepSpeed's parameter count, however, sums every parameter of the profiled modules: the
+the tests). Its FLOPs differ by DeepSpeed's conventions alone: below full width the qkv projection is one
+``torch.baddbmm`` over the q, k and v blocks, whose bias DeepSpeed counts once per output column (3·k·head_dim FLOPs
+a block), where it counts no bias for ``F.linear``: 288 FLOPs in 4.2 MFLOPs at k = 1 of the small model.
+DeepSpeed's parameter count, however, sums every parameter of the profiled modules: the
 full model's. The reported ``params_m`` is therefore the subnetwork's own (``subnetwork_params``).
 """
 import os

@@ -7,11 +7,11 @@ MACs and memory are per image (batch 1; memory's batch is ``--memory-batch-size`
 and accuracy use ``-b``.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..checkpoint import to_json
 from . import accuracy, macs, memory, throughput
 from .common import (
     EvalSession,
@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     png = plot_tradeoff(rows, out_dir / 'tradeoff.png', reference, args.ram_key,
                         title=f'{args.model} ({session.device.type}, batch {args.batch_size})')
     print(f'Wrote {csv_path} and {png}')
-    print(f'--result\n{json.dumps(rows, indent=4)}')
+    print(f'--result\n{to_json(rows, indent=4)}')
     return rows
 
 

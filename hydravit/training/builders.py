@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import model as _model  # noqa: F401  registers the hydravit models with timm
 from ..checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file, resample_pos_embed
+from ..classes import dataset_class_to_idx
 from ..cli import resolve_heads
 from ..export import leading_slice, subnetwork_vit_args
 from .config import ConfigError
@@ -73,9 +74,13 @@ def _split_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, sou
     return {n: t for n, t in state_dict.items() if n not in dropped}
 
 
-def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool) -> None:
+def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool, weights: str = 'auto') -> None:
     """Full-size weights strictly (classifier excepted), or with ``init_slices`` a narrower ViT into the leading
     slices of every tensor (same head_dim: e.g. DeiT-Tiny, 3 heads x 64, into hydravit_dyn_patch16_224).
+
+    ``weights``: which weights of a training checkpoint: ``auto`` takes the EMA when the checkpoint holds one, as
+    timm's ``load_checkpoint`` (and so timm's and the original HydraViT code's ``--initial-checkpoint``) does, else
+    the model's; ``ema`` requires the EMA; ``model`` takes the raw weights. One log line says which were taken.
 
     A checkpoint trained at another resolution has its position embedding resampled to the model's patch grid
     (one log line says so), as timm does for pretrained ViTs; rows are never copied between grids.
@@ -83,7 +88,16 @@ def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool) -> N
     if not os.path.isfile(path):
         raise ConfigError(f'--initial-checkpoint: file not found: {path}')
     try:
-        state_dict = extract_state_dict(load_checkpoint_file(path), source=path)
+        checkpoint = load_checkpoint_file(path)
+    except ValueError as e:
+        raise ConfigError(f'--initial-checkpoint: {e}') from e
+    has_ema = isinstance(checkpoint, dict) and any(checkpoint.get(k) is not None
+                                                   for k in ('state_dict_ema', 'model_ema'))
+    if weights == 'ema' and not has_ema:
+        raise ConfigError(f'--initial-checkpoint-weights ema: {path} holds no EMA weights (state_dict_ema)')
+    use_ema = has_ema and weights != 'model'
+    try:
+        state_dict = extract_state_dict(checkpoint, use_ema, source=path)
         state_dict, resampled = resample_pos_embed(model, state_dict, source=path)
     except (ValueError, KeyError) as e:
         raise ConfigError(f'--initial-checkpoint: {e}') from e
@@ -94,6 +108,8 @@ def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool) -> N
         _load_full_size(model, state_dict, path)
     if resampled:
         _logger.info(resampled)
+    _logger.info(f'--initial-checkpoint: loaded the {"EMA" if use_ema else "model"} weights of {path} '
+                 f'(--initial-checkpoint-weights {weights})')
 
 
 def _load_full_size(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
@@ -125,8 +141,6 @@ def _load_leading_slices(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
         for name, small in state_dict.items():
             target = leading_slice(name, expected[name], small.shape)
             target.copy_(small.reshape(target.shape))
-    # state_dict() hands out copies of the head-major qkv tensors (hydravit.layers), so write them back.
-    model.load_state_dict(expected)
     _logger.info(f'Initialized the leading {width} channels ({width // model.head_dim} heads) from {path}')
 
 
@@ -217,10 +231,9 @@ def setup_device(args: argparse.Namespace) -> torch.device:
 def create_model_ema(args: argparse.Namespace, model: nn.Module) -> Optional[utils.ModelEmaV3]:
     if not args.model_ema:
         return None
-    # An EMA over parameters(): timm's default lerps state_dict() values in place, and HydraViT's state_dict()
-    # holds copies of the qkv tensors (timm's layout; stored head-major), so that EMA would never move them.
+    # timm's train.py EMA: it lerps the state_dict() values in place, which are HydraViT's own parameters.
     return utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                            device='cpu' if args.model_ema_force_cpu else None, exclude_buffers=True)
+                            device='cpu' if args.model_ema_force_cpu else None)
 
 
 def wrap_ddp(args: argparse.Namespace, model: nn.Module, device: torch.device) -> nn.Module:
@@ -255,7 +268,7 @@ def compile_model(args: argparse.Namespace, model: nn.Module, num_head_counts: i
 
 
 def check_dataset_classes(args: argparse.Namespace, dataset) -> None:
-    num_dataset_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', {}) or {})
+    num_dataset_classes = len(dataset_class_to_idx(dataset) or {})  # timm's readers and torchvision's datasets
     if num_dataset_classes > args.num_classes:
         raise ConfigError(f'--num-classes: the dataset has {num_dataset_classes} classes but the model '
                           f'{args.num_classes}; pass --num-classes {num_dataset_classes}')

@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint import atomic_torch_save, check_state_dict_matches, extract_state_dict, load_checkpoint_file
+from ..checkpoint import (
+    atomic_torch_save,
+    check_optimizer_finite,
+    check_state_dict_matches,
+    extract_state_dict,
+    load_checkpoint_file,
+)
 from .config import ConfigError, plain_args
 from .sampler import HeadSampler
 
@@ -201,6 +207,83 @@ class ResumePoint:
     resume_rng: Optional[List[dict]] = None
 
 
+def epoch_images_done(checkpoint: dict) -> int:
+    """Images (all processes together) the checkpoint's epoch had trained on when it was saved; 0 for a checkpoint
+    written at the end of an epoch. Checkpoints from before ``images_done`` was stored derive it from their args."""
+    updates = int(checkpoint.get('updates_done') or 0)
+    if not updates:
+        return 0
+    if checkpoint.get('images_done') is not None:
+        return int(checkpoint['images_done'])
+    saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
+    if not saved.get('batch_size'):
+        raise ConfigError('--resume: the mid-epoch checkpoint records neither images_done nor its batch size; '
+                          'resume from an end-of-epoch checkpoint (last.pth.tar)')
+    return updates * int(saved['batch_size']) * int(saved.get('grad_accum_steps') or 1) * int(
+        checkpoint.get('world_size') or 1)
+
+
+def resume_position(checkpoint: dict, path: str, batch_size: int, grad_accum_steps: int,
+                    world_size: Optional[int], updates_per_epoch: Optional[int] = None) -> ResumePoint:
+    """Where a ``--resume`` checkpoint continues, with the position in a mid-epoch (recovery) checkpoint converted
+    from images seen to optimizer steps of this run's batch (``-b`` x ``--grad-accum-steps`` x processes).
+
+    ``ConfigError`` (one line naming the flag) when the images seen are not a whole number of this run's steps, are
+    at or past the end of an epoch (``updates_per_epoch``), or were seen on one process and are resumed on several
+    or the reverse: one process shuffles an epoch with the RNG, several with a seeded ``DistributedSampler``, so
+    the images not yet trained could not be told apart. ``world_size`` None (not known yet, ``--check-only`` under
+    torchrun) checks what does not depend on it.
+    """
+    epoch, images = int(checkpoint['epoch']), epoch_images_done(checkpoint)
+    if not images:
+        return ResumePoint(epoch + 1, 0)  # the end of an epoch: any batch size or world size starts the next one
+    saved_world = int(checkpoint.get('world_size') or 1)
+    where = f'--resume: {path} stopped in epoch {epoch} after {images} images'
+    if world_size is not None and (saved_world == 1) != (world_size == 1):
+        raise ConfigError(f'{where} on {saved_world} process(es), whose image order {world_size} process(es) '
+                          f'cannot replay; resume it on {"one process" if saved_world == 1 else "several"}, or '
+                          f'from the end-of-epoch last.pth.tar')
+    per_step = batch_size * grad_accum_steps * (world_size or 1)
+    steps = (f'-b {batch_size} x --grad-accum-steps {grad_accum_steps}'
+             + (f' x {world_size} process(es)' if world_size else ''))
+    if images % per_step:
+        raise ConfigError(f'{where}, not a whole number of optimizer steps of {per_step} images ({steps}); '
+                          f'resume with a -b / --grad-accum-steps whose global batch divides {images}, or from '
+                          f'the end-of-epoch last.pth.tar')
+    skip = images // per_step
+    if updates_per_epoch is not None and skip >= updates_per_epoch:
+        raise ConfigError(f'{where}, {skip} optimizer steps of {per_step} images ({steps}), but an epoch has '
+                          f'only {updates_per_epoch} of them; resume with a smaller -b, or from the end-of-epoch '
+                          f'last.pth.tar')
+    return ResumePoint(epoch, skip)
+
+
+def run_layout(heads: Sequence[int], eval_metric: str, val_split: Optional[str], validate_ema: bool) -> dict:
+    """What a run folder's ``summary.csv`` columns and checkpoint ranking depend on, by the flag that sets it."""
+    return {
+        '--heads': ' '.join(map(str, heads)),  # summary columns (in this order) and the mean metrics
+        '--val-split': val_split or '(none)',  # which images rank the checkpoints, if any
+        '--eval-metric': eval_metric if val_split else '(training loss)',
+        '--model-ema': 'EMA validated' if validate_ema else 'no EMA validated',  # eval_ema_* columns, EMA ranks
+    }
+
+
+def check_resume_layout(checkpoint: dict, path: str, layout: dict, same_folder: bool) -> None:
+    """A resume into the run folder its checkpoint came from must keep summary.csv's columns and what the kept
+    checkpoints are ranked by (``run_layout``), else rows would land under another header and ``model_best`` would
+    compare unlike numbers. ``ConfigError`` naming the first flag that differs; another folder starts new files."""
+    saved_args = checkpoint.get('args')
+    if not same_folder or not isinstance(saved_args, dict) or not checkpoint.get('heads'):
+        return
+    saved = run_layout(checkpoint['heads'], saved_args.get('eval_metric', 'top1'), saved_args.get('val_split'),
+                       bool(saved_args.get('model_ema')) and not saved_args.get('model_ema_force_cpu'))
+    for flag, value in layout.items():
+        if value != saved[flag]:
+            raise ConfigError(f'--resume: {flag} gives {value}, but {path} was trained with {saved[flag]}; '
+                              f'in its run folder that would change summary.csv columns or the model_best ranking: '
+                              f'resume with the same {flag}, or into a new run folder (--experiment NAME)')
+
+
 class TrainingState:
     """The one owner of what a checkpoint holds: model, EMA, optimizer, loss scaler, LR scheduler, head sampler,
     every rank's RNG states and the position in the run, plus the run's description (arch, args, heads, classes).
@@ -259,15 +342,18 @@ class TrainingState:
 
     def save_recovery(self, epoch: int, updates_done: int, epoch_rng: Optional[List[dict]]) -> None:
         """Mid-epoch checkpoint (a collective in DDP); resuming from it replays the epoch's data order."""
-        position = {'rng_state': gather_rng_states(self.args), 'epoch_rng_state': epoch_rng,
-                    'updates_done': updates_done}
+        args = self.args
+        position = {'rng_state': gather_rng_states(args), 'epoch_rng_state': epoch_rng, 'updates_done': updates_done,
+                    'images_done': updates_done * args.batch_size * args.grad_accum_steps * args.world_size}
         if self.files is not None:
             self.files.save_recovery(self.checkpoint(epoch, None, position), epoch, updates_done)
 
     # --- loading -----------------------------------------------------------------------------------------------
     @staticmethod
-    def read(path: str) -> dict:
-        """A ``--resume`` checkpoint, weights-only; ``ConfigError`` naming the flag when it is not one."""
+    def read(path: str, ema: bool = True, optimizer: bool = True) -> dict:
+        """A ``--resume`` checkpoint, weights-only; ``ConfigError`` naming the flag when it is not one, or when
+        what the resume will use holds NaN or inf: the model weights, the EMA weights (``ema``: --model-ema) and the
+        optimizer state (``optimizer``: not --no-resume-opt)."""
         if not os.path.isfile(path):
             raise ConfigError(f'--resume: checkpoint not found: {path}')
         try:
@@ -277,6 +363,14 @@ class TrainingState:
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
             raise ConfigError(f'--resume: {path} is not a training checkpoint (no state_dict/epoch); '
                               f'use --initial-checkpoint for weights only')
+        try:  # the shared check (hydravit.checkpoint.check_finite) of everything this resume will load
+            extract_state_dict(checkpoint, source=path)
+            if ema and checkpoint.get('state_dict_ema') is not None:
+                extract_state_dict(checkpoint, use_ema=True, source=path)
+            if optimizer:
+                check_optimizer_finite(checkpoint.get('optimizer'), path)
+        except ValueError as e:
+            raise ConfigError(f'--resume: {e}') from e
         return checkpoint
 
     @staticmethod
@@ -289,21 +383,30 @@ class TrainingState:
             raise ConfigError(f'--resume: {e}') from e
         model.load_state_dict(state_dict, strict=True)
 
-    def resume(self, checkpoint: Optional[dict], updates_per_epoch: int) -> ResumePoint:
+    def resume_point(self, checkpoint: Optional[dict], updates_per_epoch: Optional[int] = None) -> ResumePoint:
+        """Where training starts: ``--start-epoch``, else the checkpoint's position converted to this run's batch
+        (``resume_position``; ``ConfigError`` when it cannot be), else the beginning."""
+        args = self.args
+        if args.start_epoch is not None:
+            return ResumePoint(args.start_epoch, 0)
+        if checkpoint is None:
+            return ResumePoint()
+        return resume_position(checkpoint, args.resume, args.batch_size, args.grad_accum_steps, args.world_size,
+                               updates_per_epoch)
+
+    def resume(self, checkpoint: Optional[dict], point: ResumePoint, updates_per_epoch: int) -> ResumePoint:
         """Restore everything but the model weights from ``checkpoint`` (None: a fresh start), position the LR
-        schedule, and set this rank's RNGs. Call last before training: nothing may draw random numbers after it."""
-        point = ResumePoint()
+        schedule at ``point`` (from ``resume_point``), and set this rank's RNGs. Call last before training: nothing
+        may draw random numbers after it. ``--no-resume-opt`` keeps the position, a mid-epoch checkpoint's data
+        order, the EMA and the checkpoint ranking, and skips optimizer, scaler, sampler, scheduler and RNG streams."""
         if checkpoint is not None:
             self._restore_ema(checkpoint)
             if not self.args.no_resume_opt:
                 self._restore_optimization(checkpoint)
-            point = self._position(checkpoint)
             self._restore_files(checkpoint)
-        if self.args.start_epoch is not None:
-            point = ResumePoint(self.args.start_epoch, 0, None)
         self._position_schedule(point, updates_per_epoch)
-        if checkpoint is not None and not self.args.no_resume_opt:
-            point.resume_rng = self._restore_rng(checkpoint, point.skip_updates)
+        if checkpoint is not None:
+            point.resume_rng = self._restore_rng(checkpoint, point.skip_updates, not self.args.no_resume_opt)
         return point
 
     def _restore_ema(self, checkpoint: dict) -> None:
@@ -326,13 +429,6 @@ class TrainingState:
         if self.lr_scheduler is not None and checkpoint.get('scheduler'):
             load_nested_states(self.lr_scheduler, checkpoint['scheduler'])
 
-    @staticmethod
-    def _position(checkpoint: dict) -> ResumePoint:
-        # a recovery checkpoint resumes mid-epoch; an end-of-epoch one at the next epoch
-        if checkpoint.get('updates_done'):
-            return ResumePoint(int(checkpoint['epoch']), int(checkpoint['updates_done']))
-        return ResumePoint(int(checkpoint['epoch']) + 1, 0)
-
     def _position_schedule(self, point: ResumePoint, updates_per_epoch: int) -> None:
         """The schedule is a function of the arguments and the position, so --epochs may change on resume."""
         if self.lr_scheduler is None or not (point.start_epoch > 0 or point.skip_updates):
@@ -348,10 +444,11 @@ class TrainingState:
         if self.files is not None and checkpoint.get('saver') and resume_dir == os.path.abspath(self.files.directory):
             self.files.load_state_dict(checkpoint['saver'])
 
-    def _restore_rng(self, checkpoint: dict, skip_updates: int) -> Optional[List[dict]]:
-        """Set this rank's RNGs to the resume point (the epoch start for a mid-epoch resume). Returns the states
-        to set once a mid-epoch resume has replayed the skipped steps."""
-        resume_rng = checkpoint.get('rng_state')
+    def _restore_rng(self, checkpoint: dict, skip_updates: int, streams: bool) -> Optional[List[dict]]:
+        """Set this rank's RNGs to the resume point: for a mid-epoch resume, always the epoch's start (its data
+        order is the position); else, with ``streams``, the saved state. Returns the states to set once a mid-epoch
+        resume has replayed the skipped steps (None without ``streams``)."""
+        resume_rng = checkpoint.get('rng_state') if streams else None
         start_rng = checkpoint.get('epoch_rng_state') if skip_updates else resume_rng
         if start_rng is not None:
             args = self.args

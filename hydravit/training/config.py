@@ -105,6 +105,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--pretrained-path', default=None, type=str, help='not supported: use --initial-checkpoint')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                        help='local weights to start from (full-size ViT / HydraViT; see --init-slices)')
+    group.add_argument('--initial-checkpoint-weights', default='auto', choices=('auto', 'ema', 'model'),
+                       help="which weights of --initial-checkpoint: auto = the EMA when it holds one, as timm's "
+                            "load_checkpoint does, else the model's (default: auto)")
     group.add_argument('--resume', default='', type=str, metavar='PATH',
                        help='training checkpoint to continue from exactly (model, EMA, optimizer, RNG, sampler)')
     group.add_argument('--no-resume-opt', action='store_true', default=False,

@@ -7,7 +7,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 
-from ..classes import class_names, dataset_class_to_idx, match_classes, shown
+from ..classes import (
+    check_class_folders,
+    class_names,
+    dataset_class_to_idx,
+    ignores_class_map,
+    match_classes,
+    read_class_map,
+    relabel,
+    shown,
+    torchvision_folder_error,
+)
 from .config import ConfigError
 
 _logger = logging.getLogger('train')
@@ -39,33 +49,48 @@ def check_data_dir(args: argparse.Namespace) -> None:
 
 
 def create_datasets(args: argparse.Namespace, input_img_mode: str) -> Tuple[Any, Optional[Any]]:
-    """(train, validation or None). Validation labels mean the training classes, matched by folder name."""
+    """(train, validation or None). Validation labels mean the training classes, matched by class name.
+
+    Any reader: timm's (folders, tar, hfds/, tfds/, wds/, ...) and torchvision's (``torch/...``, whose labels
+    ``--class-map`` and the name matching set through a target transform, since timm gives it no class map).
+    """
     common = dict(download=args.dataset_download, batch_size=args.batch_size,
                   input_img_mode=input_img_mode, input_key=args.input_key, target_key=args.target_key)
-    train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                           seed=args.seed, repeats=args.epoch_repeats, num_samples=args.train_num_samples,
-                           class_map=args.class_map, **common)
+
+    def split(flag: str, name: str, class_map, **kwargs):
+        try:
+            dataset = create_dataset(args.dataset, root=args.data_dir, split=name, class_map=class_map,
+                                     **common, **kwargs)
+            check_class_folders(dataset)
+            if args.class_map and ignores_class_map(dataset):
+                dataset = relabel(dataset, read_class_map(args.class_map, args.data_dir), None)
+        except (FileNotFoundError, ValueError) as e:  # torchvision's folder errors, a flat folder, a bad map
+            raise ConfigError(f'{flag} {name!r}: {torchvision_folder_error(e) or e}') from e
+        return dataset
+
+    train = split('--train-split', args.train_split, args.class_map, is_training=True, seed=args.seed,
+                  repeats=args.epoch_repeats, num_samples=args.train_num_samples)
     if not args.val_split:
         return train, None
 
     def validation(class_map):
-        return create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                              num_samples=args.val_num_samples, class_map=class_map, **common)
+        return split('--val-split', args.val_split, class_map, is_training=False, num_samples=args.val_num_samples)
 
     val = validation(args.class_map)
     train_classes, val_classes = dataset_class_to_idx(train), dataset_class_to_idx(val)
     if args.class_map or train_classes is None or val_classes is None:
-        return train, val  # --class-map numbers both splits; other readers label by their own rules
+        return train, val  # --class-map numbers both splits; readers without names label by their own rules
     names = class_names(train_classes)
     try:
         class_map, missing = match_classes(names, val_classes, f'--val-split {args.val_split!r}')
+        val = val if class_map is None else relabel(val, class_map, validation)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if missing:
         _logger.warning(f'--val-split {args.val_split!r} has no images of {len(missing)} of the {len(names)} '
                         f'training classes ({shown(missing)}); '
                         f'its labels are matched to the training classes by name')
-    return train, val if class_map is None else validation(class_map)
+    return train, val
 
 
 def train_class_names(dataset) -> Optional[List[str]]:

@@ -8,6 +8,7 @@ See docs/training.md.
 """
 import argparse
 import csv
+import glob
 import logging
 import os
 import sys
@@ -24,8 +25,8 @@ from timm.models import model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
+from ..checkpoint import newest_finite_checkpoint
 from ..evaluation.accuracy import evaluate_heads
-from ..layers import timm_layout_optimizer_state
 from .builders import (
     check_dataset_classes,
     check_device,
@@ -41,7 +42,16 @@ from .builders import (
     setup_device,
     wrap_ddp,
 )
-from .checkpointing import CheckpointFiles, TrainingState, gather_rng_states, rng_state, set_rng_state
+from .checkpointing import (
+    CheckpointFiles,
+    TrainingState,
+    check_resume_layout,
+    gather_rng_states,
+    resume_position,
+    rng_state,
+    run_layout,
+    set_rng_state,
+)
 from .config import PROG, ConfigError, check_eval_metric, is_check_only, parse_args
 from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after, train_class_names
 from .objective import StepLosses, StepObjective, no_sync_unless
@@ -50,10 +60,34 @@ from .sampler import HeadSampler
 from .teacher import create_teacher
 
 _logger = logging.getLogger('train')
+DEFAULT_OUTPUT = './output/train'  # --output's default, as timm's train.py
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf."""
+    """The training loss became NaN or inf; the message says what to do, naming only a checkpoint that exists and
+    holds finite weights (``divergence_advice``)."""
+
+
+def divergence_advice(files: Optional[CheckpointFiles], resumed_from: Optional[str]) -> str:
+    """What to do after a non-finite loss. The newest checkpoint of the run folder is not necessarily good (the
+    weights can go bad in the step before an epoch's save, and the loss only shows it at the next step), so each
+    one is read and checked, newest first; none is named unless one holds finite weights."""
+    remedy = 'lower --lr, set --clip-grad, or check the data'
+    if files is None:  # not the primary process: that one names the checkpoints
+        return remedy[0].upper() + remedy[1:]
+    # last.pth.tar first: among files of the same time (hard links of one save) it is the one to name
+    written = sorted(glob.glob(os.path.join(glob.escape(files.directory), '*' + files.extension)),
+                     key=lambda p: os.path.basename(p) != 'last' + files.extension)
+    found = newest_finite_checkpoint(written)
+    if found is None:
+        none = (f'No checkpoint in {files.directory} holds finite weights ({len(written)} checked)' if written
+                else f'No checkpoint was written in {files.directory}')
+        start = f' (the run started from --resume {resumed_from})' if resumed_from else ''
+        return f'{none}{start}; {remedy}'
+    path, checkpoint = found
+    where = (f'epoch {checkpoint.get("epoch")}, {checkpoint["updates_done"]} updates in'
+             if checkpoint.get('updates_done') else f'end of epoch {checkpoint.get("epoch")}')
+    return f'The last checkpoint with finite weights is {path} ({where}); resume from it with --resume and {remedy}'
 
 # --- one training epoch -------------------------------------------------------------------------------------
 class Trainer:
@@ -91,7 +125,8 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             raise NonFiniteLossError(f'loss is {losses.total.item()} at epoch {epoch}, update {update_idx} '
-                                     f'(k={losses.heads})')
+                                     f'(k={losses.heads}); nothing more is saved. '
+                                     + divergence_advice(self.state.files, self.args.resume or None))
 
     def train_one_epoch(self, epoch: int, loader, mixup_fn, skip_updates: int = 0,
                         resume_rng: Optional[List[dict]] = None) -> Dict[str, float]:
@@ -240,8 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'{PROG}: error: {e}', file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
-        _logger.error(f'Stopping: {e}. Nothing was saved for this epoch; the last good checkpoint is '
-                      f'last.pth.tar in the run folder. Lower --lr, set --clip-grad, or check the data.')
+        _logger.error(f'Stopping: {e}')
         return 1
 
 
@@ -261,7 +295,6 @@ def train(args: argparse.Namespace, args_text: str) -> int:
             net.to(device=device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     resolve_lr(args)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    timm_layout_optimizer_state(optimizer, model)  # checkpoints hold qkv state in timm's layout, as the model's
     amp_autocast, loss_scaler = create_amp(args, device)
     model_ema = create_model_ema(args, model)
     module = model
@@ -282,9 +315,10 @@ def train(args: argparse.Namespace, args_text: str) -> int:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
     state = TrainingState(args, module, optimizer, model_ema, loss_scaler, lr_scheduler, sampler, heads, class_names)
+    point = state.resume_point(resume_ckpt, updates_per_epoch)  # may refuse: before anything is written
     trainer = Trainer(args, model, state, objective, amp_autocast, device, num_epochs)
     output_dir = create_output(args, args_text, data_config, state, decreasing) if primary else None
-    point = state.resume(resume_ckpt, updates_per_epoch)  # last: it sets the RNGs training starts from
+    state.resume(resume_ckpt, point, updates_per_epoch)  # last: it sets the RNGs training starts from
     if primary:
         trim_summary(os.path.join(output_dir, 'summary.csv'), point.start_epoch)
         _logger.info(f'Output: {output_dir}; {num_epochs} epochs of {updates_per_epoch} optimizer steps '
@@ -298,13 +332,16 @@ def prepare_run(args: argparse.Namespace):
     """Every check that needs no data: (resume checkpoint, model with initial weights, heads, sampler, teacher)."""
     args.data_dir = args.data_dir or args.data
     check_device(args)
-    resume_ckpt = TrainingState.read(args.resume) if args.resume else None
+    resume_ckpt = (TrainingState.read(args.resume, ema=bool(args.model_ema), optimizer=not args.no_resume_opt)
+                   if args.resume else None)
     utils.random_seed(args.seed, 0)  # same initial weights on every rank and every run with this --seed
     model = create_train_model(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     heads = resolve_train_heads(args, model, resume_ckpt)
     check_eval_metric(args.eval_metric, heads)
+    if resume_ckpt is not None:
+        check_resume(args, resume_ckpt, heads)
     sampler = HeadSampler(heads, args.weights, seed=args.seed)
     try:
         sampler.check_step(args.subnets_per_step, args.subnet_policy)
@@ -315,10 +352,28 @@ def prepare_run(args: argparse.Namespace):
     if args.drop_p != -1:
         _logger.info('--drop-p is accepted for compatibility and has no effect: --heads sampling sets the width')
     if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint, args.init_slices)
+        load_initial_checkpoint(model, args.initial_checkpoint, args.init_slices, args.initial_checkpoint_weights)
     if resume_ckpt is not None:
         TrainingState.load_model_weights(model, resume_ckpt, args.resume)
     return resume_ckpt, model, heads, sampler, teacher
+
+
+def check_resume(args: argparse.Namespace, checkpoint: dict, heads: List[int]) -> None:
+    """Refuse, before anything is read or written, a --resume whose position this run's batch cannot continue
+    (``resume_position``) or that would change its run folder's summary columns or ranking (``run_layout``)."""
+    if args.start_epoch is None:
+        # torchrun's workers know the world size; --check-only before them does not, a plain run is one process
+        world_size = int(os.environ['WORLD_SIZE']) if 'WORLD_SIZE' in os.environ else None if args.check_only else 1
+        resume_position(checkpoint, args.resume, args.batch_size, args.grad_accum_steps, world_size)
+    layout = run_layout(heads, args.eval_metric, args.val_split, args.model_ema and not args.model_ema_force_cpu)
+    folder = run_folder(args)
+    same = folder is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(folder)
+    check_resume_layout(checkpoint, args.resume, layout, same)
+
+
+def run_folder(args: argparse.Namespace) -> Optional[str]:
+    """The run folder named by --output / --experiment, or None: without --experiment each run gets a new one."""
+    return os.path.join(args.output or DEFAULT_OUTPUT, args.experiment) if args.experiment else None
 
 
 def check_resume_classes(args: argparse.Namespace, resume_ckpt: Optional[dict],
@@ -344,7 +399,7 @@ def create_output(args, args_text: str, data_config, state: TrainingState, decre
     """Run folder, args.yaml, class_map.txt and the checkpoint files (rank 0)."""
     exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
                                              safe_model_name(args.model), str(data_config['input_size'][-1])])
-    output_dir = utils.get_outdir(args.output or './output/train', exp_name)
+    output_dir = utils.get_outdir(args.output or DEFAULT_OUTPUT, exp_name)
     state.files = CheckpointFiles(output_dir, decreasing=decreasing, max_history=args.checkpoint_hist)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         f.write(args_text)

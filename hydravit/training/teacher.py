@@ -14,7 +14,8 @@ from .config import ConfigError
 def create_teacher(args: argparse.Namespace, num_classes: int) -> Optional[nn.Module]:
     """``--teacher MODEL`` built with ``--teacher-kwargs``, loaded strictly from ``--teacher-checkpoint``, set to
     ``--teacher-heads`` when it is a HydraViT, in eval mode with ``requires_grad`` off. None without --teacher.
-    Raises ConfigError naming the flag (unknown model, missing or mismatched file, other class count)."""
+    Raises ConfigError naming the flag (unknown model, missing or mismatched file, non-finite weights, other class
+    count)."""
     if not args.teacher:
         return None
     if not timm.is_model(args.teacher):
