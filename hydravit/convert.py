@@ -392,7 +392,10 @@ def labelled_dataset(args: argparse.Namespace, split: str, class_names: Optional
     """
     from timm.data import create_dataset
     root = Path(args.data) / split if (Path(args.data) / split).is_dir() else Path(args.data)
-    dataset = create_dataset('', root=str(root), is_training=False)
+    try:
+        dataset = create_dataset('', root=str(root), is_training=False)
+    except RuntimeError as e:  # timm: "Found 0 images in subfolders of ROOT. Supported image extensions are ..."
+        raise ValueError(f'DATA: {e}') from e
     if len(dataset) == 0:
         raise ValueError(f'DATA: no images in {root}')
     try:

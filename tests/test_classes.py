@@ -234,3 +234,38 @@ def test_validate_class_map_file_with_torchvision_reader(predicted, tmp_path, ca
     class_map.write_text('1\n2\n')
     assert one_error_line(accuracy.main, [str(root), '--checkpoint', str(checkpoints['timm']), *reader], capsys) \
         == '--class-map: the class map lacks classes of the data: 10'
+
+
+# --- --initial-checkpoint: its classifier rows keep their classes ----------------------------------------------
+def test_align_classifier_maps_rows_by_name(caplog):
+    import logging
+
+    from hydravit.training.builders import align_classifier
+    model = timm.create_model(SMALL, num_classes=3)
+    weight, bias = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+    with caplog.at_level(logging.INFO, logger='train'):
+        align_classifier(model, TORCH_ORDER, TIMM_ORDER, 'ckpt')  # 1 10 2 -> 1 2 10
+    assert torch.equal(model.head.weight, weight[[0, 2, 1]]) and torch.equal(model.head.bias, bias[[0, 2, 1]])
+    assert 'classifier rows mapped to this data\'s classes by name (2 moved)' in caplog.text
+    align_classifier(model, ['1', '2', '7'], ['1', '2', '10'], 'ckpt')  # class 10 is new: a fresh row
+    assert torch.equal(model.head.weight[:2], weight[[0, 2]]) and not torch.equal(model.head.weight[2], weight[1])
+    assert float(model.head.bias[2].detach()) == 0.
+    assert 'ckpt has no classifier rows for 1 class(es) of this data (10)' in caplog.text
+
+
+def test_initial_checkpoint_classifier_follows_the_class_names(predicted, tmp_path):
+    """A checkpoint trained with torchvision's order (1, 10, 2), fine-tuned on the same folders read by timm's reader
+    (1, 2, 10): before any update the model must still predict every image's folder (lr 0: one epoch changes
+    nothing), so its validation top-1 is 100 %."""
+    from test_train import run_train
+    root, checkpoints = predicted
+    data = tmp_path / 'data'
+    shutil.copytree(root / 'validation', data / 'train')
+    shutil.copytree(root / 'validation', data / 'validation')
+    assert run_train(str(data), '--model', SMALL, '--num-classes', '3', '--heads', '12', '-b', '4', '--epochs', '1',
+                     '--lr', '0', '--warmup-epochs', '0', '--workers', '0', '--no-aug',
+                     '--initial-checkpoint', str(checkpoints['torch']), '--output', str(tmp_path / 'out'),
+                     '--experiment', 'ft') == 0
+    summary = (tmp_path / 'out' / 'ft' / 'summary.csv').read_text().splitlines()
+    header, row = summary[0].split(','), summary[-1].split(',')
+    assert float(row[header.index('eval_top1_k12')]) == 100.0

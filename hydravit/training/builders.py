@@ -4,7 +4,7 @@ import logging
 import os
 from contextlib import nullcontext
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import model as _model  # noqa: F401  registers the hydravit models with timm
 from ..checkpoint import check_state_dict_matches, extract_state_dict, load_checkpoint_file, resample_pos_embed
-from ..classes import dataset_class_to_idx
+from ..classes import dataset_class_to_idx, recorded_class_names
 from ..cli import resolve_heads
 from ..export import leading_slice, subnetwork_vit_args
 from .config import ConfigError
@@ -74,7 +74,8 @@ def _split_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, sou
     return {n: t for n, t in state_dict.items() if n not in dropped}
 
 
-def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool, weights: str = 'auto') -> None:
+def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool,
+                            weights: str = 'auto') -> Optional[List[str]]:
     """Full-size weights strictly (classifier excepted), or with ``init_slices`` a narrower ViT into the leading
     slices of every tensor (same head_dim: e.g. DeiT-Tiny, 3 heads x 64, into hydravit_dyn_patch16_224).
 
@@ -84,6 +85,9 @@ def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool, weig
 
     A checkpoint trained at another resolution has its position embedding resampled to the model's patch grid
     (one log line says so), as timm does for pretrained ViTs; rows are never copied between grids.
+
+    Returns the class names the checkpoint records (hydravit.train, hydravit.convert) when its classifier was loaded,
+    else None: ``align_classifier`` then maps its rows onto this run's classes by name.
     """
     if not os.path.isfile(path):
         raise ConfigError(f'--initial-checkpoint: file not found: {path}')
@@ -102,6 +106,7 @@ def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool, weig
     except (ValueError, KeyError) as e:
         raise ConfigError(f'--initial-checkpoint: {e}') from e
     state_dict = _split_classifier(state_dict, model, path)
+    head_loaded = any(n.startswith('head.') for n in state_dict)
     if init_slices:
         _load_leading_slices(model, state_dict, path)
     else:
@@ -110,6 +115,41 @@ def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool, weig
         _logger.info(resampled)
     _logger.info(f'--initial-checkpoint: loaded the {"EMA" if use_ema else "model"} weights of {path} '
                  f'(--initial-checkpoint-weights {weights})')
+    return recorded_class_names(checkpoint) if head_loaded else None
+
+
+def align_classifier(model: nn.Module, initial: Sequence[str], names: Optional[Sequence[str]], path: str) -> None:
+    """Put the classifier rows that ``--initial-checkpoint`` trained for class ``initial[i]`` where this run's data
+    labels that class (``names``, in label order): a fine-tune on the same classes in another order, or on an
+    overlapping set, keeps what each row means. Rows of classes the checkpoint did not have keep their fresh
+    initialisation (one warning line names them). Nothing changes when the orders agree or the data has no names."""
+    if names is None or list(initial) == list(names):
+        return
+    if len(initial) != len(names):  # only the same count loads the classifier (_split_classifier)
+        return
+    classifiers = _classifier_linears(model.head)
+    new = [n for n in names if n not in initial]
+    with torch.no_grad():
+        for linear in classifiers:
+            old_weight, old_bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+            for label, name in enumerate(names):
+                if name in initial:
+                    linear.weight[label].copy_(old_weight[initial.index(name)])
+                    linear.bias[label].copy_(old_bias[initial.index(name)])
+                else:
+                    nn.init.trunc_normal_(linear.weight[label], std=.02)
+                    linear.bias[label].zero_()
+    moved = sum(1 for label, name in enumerate(names) if name in initial and initial.index(name) != label)
+    _logger.info(f'--initial-checkpoint: classifier rows mapped to this data\'s classes by name ({moved} moved)')
+    if new:
+        _logger.warning(f'--initial-checkpoint: {path} has no classifier rows for {len(new)} class(es) of this data '
+                        f'({", ".join(new[:8])}{", ..." if len(new) > 8 else ""}); they start from a fresh '
+                        f'initialisation')
+
+
+def _classifier_linears(head: nn.Module) -> List[nn.Module]:
+    """The linear layer(s) of a HydraViT classifier: the one head, or each of the separate classifiers."""
+    return [m for m in head.modules() if isinstance(m, nn.Linear)]
 
 
 def _load_full_size(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
@@ -161,7 +201,7 @@ def _check_subnetwork_shapes(model: nn.Module, state_dict: Dict[str, torch.Tenso
 
 def resolve_lr(args: argparse.Namespace) -> None:
     """timm's rule: --lr wins, else lr_base scaled by the global batch size (linear, or sqrt for adaptive opts)."""
-    if args.lr:
+    if args.lr is not None:  # as timm: an explicit --lr 0 is a learning rate of 0
         return
     global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size

@@ -377,6 +377,13 @@ class TrainingState:
     def load_model_weights(model: nn.Module, checkpoint: dict, path: str) -> None:
         """The model weights of a ``--resume`` checkpoint, strictly (an error names mismatched keys)."""
         state_dict = extract_state_dict(checkpoint, source=path)
+        saved, built = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
+        if saved is not None and built is not None and saved.shape[:-1] != built.shape[:-1] \
+                and saved.shape[-1] == built.shape[-1]:  # the same model at another resolution
+            raise ConfigError(f'--resume: {path} was trained with {saved.shape[1]} positions, this run builds '
+                              f'{built.shape[1]} (another --img-size / --input-size): resume at the checkpoint\'s '
+                              f'resolution, or start a new run from it with --initial-checkpoint, which resamples '
+                              f'the position table')
         try:
             check_state_dict_matches(model, state_dict, source=path)
         except ValueError as e:

@@ -28,6 +28,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from ..checkpoint import newest_finite_checkpoint
 from ..evaluation.accuracy import evaluate_heads
 from .builders import (
+    align_classifier,
     check_dataset_classes,
     check_device,
     compile_model,
@@ -280,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def train(args: argparse.Namespace, args_text: str) -> int:
-    resume_ckpt, model, heads, sampler, teacher = prepare_run(args)  # all checks; nothing read or written yet
+    # all checks; nothing read or written yet
+    resume_ckpt, model, heads, sampler, teacher, initial_classes = prepare_run(args)
     device = setup_device(args)
     primary = utils.is_primary(args)
     if args.grad_checkpointing:
@@ -290,6 +292,13 @@ def train(args: argparse.Namespace, args_text: str) -> int:
                      f'{sum(p.numel() for p in model.parameters()):,} params; training k in {heads} '
                      f'with probabilities {[round(p, 4) for p in sampler.probs]}; {describe_step(args)}')
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset_train, dataset_val = create_datasets(args, input_img_mode)
+    check_dataset_classes(args, dataset_train)
+    class_names = train_class_names(dataset_train)
+    check_resume_classes(args, resume_ckpt, class_names)
+    if initial_classes is not None and resume_ckpt is None:  # before the optimizer and the EMA copy the classifier
+        align_classifier(model, initial_classes, class_names, args.initial_checkpoint)
     for net in (model, teacher):
         if net is not None:
             net.to(device=device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -301,11 +310,6 @@ def train(args: argparse.Namespace, args_text: str) -> int:
     model = compile_model(args, wrap_ddp(args, model, device), len(heads))
 
     # data
-    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
-    dataset_train, dataset_val = create_datasets(args, input_img_mode)
-    check_dataset_classes(args, dataset_train)
-    class_names = train_class_names(dataset_train)
-    check_resume_classes(args, resume_ckpt, class_names)
     loader_train, loader_val, mixup_fn = create_loaders(args, dataset_train, dataset_val, data_config, device)
     objective = create_objective(args, sampler, create_train_loss(args, device), teacher)
     eval_metric = args.eval_metric if loader_val is not None else 'loss'
@@ -329,7 +333,8 @@ def train(args: argparse.Namespace, args_text: str) -> int:
 
 
 def prepare_run(args: argparse.Namespace):
-    """Every check that needs no data: (resume checkpoint, model with initial weights, heads, sampler, teacher)."""
+    """Every check that needs no data: (resume checkpoint, model with initial weights, heads, sampler, teacher, the
+    class names of --initial-checkpoint's classifier when it was loaded and the checkpoint records them)."""
     args.data_dir = args.data_dir or args.data
     check_device(args)
     resume_ckpt = (TrainingState.read(args.resume, ema=bool(args.model_ema), optimizer=not args.no_resume_opt)
@@ -351,11 +356,13 @@ def prepare_run(args: argparse.Namespace):
     check_data_dir(args)
     if args.drop_p != -1:
         _logger.info('--drop-p is accepted for compatibility and has no effect: --heads sampling sets the width')
+    initial_classes = None
     if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint, args.init_slices, args.initial_checkpoint_weights)
+        initial_classes = load_initial_checkpoint(model, args.initial_checkpoint, args.init_slices,
+                                                  args.initial_checkpoint_weights)
     if resume_ckpt is not None:
         TrainingState.load_model_weights(model, resume_ckpt, args.resume)
-    return resume_ckpt, model, heads, sampler, teacher
+    return resume_ckpt, model, heads, sampler, teacher, initial_classes
 
 
 def check_resume(args: argparse.Namespace, checkpoint: dict, heads: List[int]) -> None:
