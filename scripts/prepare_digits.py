@@ -22,7 +22,13 @@ def write_digits(out_dir: Path, size: int = 32, val_fraction: float = 0.25, seed
     digits = load_digits()
     # 0..16 intensities -> 0..255, white digit on black like the originals
     images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    labels = digits.target
+    return write_image_folder(images, digits.target, out_dir, size, val_fraction, seed)
+
+
+def write_image_folder(images: np.ndarray, labels: np.ndarray, out_dir: Path, size: int, val_fraction: float,
+                       seed: int) -> dict:
+    """Grayscale ``images`` (N, H, W) uint8 with class ``labels`` (N,) as OUT_DIR/{train,validation}/<label>/NNNN.png,
+    split with ``seed``, stratified by class, resized to ``size`` x ``size`` RGB (bicubic). Returns {split: count}."""
     indices = np.arange(len(labels))
     train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=labels)
     counts = {}
