@@ -578,7 +578,8 @@ CHECKS: Dict[str, Callable[[Cell], None]] = {
     'top1': check_top1, 'resampled': check_resampled, 'resampled_top1': check_resampled_top1, 'rows': check_rows,
     'ignores_data': check_ignores_data, 'exported': check_exported, 'converted': check_converted,
     'report_top1': check_report_top1, 'profile_top1': check_profile_top1, 'serve_top1': check_serve_top1,
-    'checked': check_checked, 'trained': check_trained, 'aligned': check_aligned, 'steps': check_steps, 'position': check_position,
+    'checked': check_checked, 'trained': check_trained, 'aligned': check_aligned, 'steps': check_steps,
+    'position': check_position,
 }
 
 
