@@ -113,6 +113,9 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = False, source: str = 'c
         state_dict = checkpoint[key]
     else:
         key = next((k for k in ('state_dict', 'model') if checkpoint.get(k) is not None), None)
+        ema_key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint.get(k), dict)), None)
+        if key is None and ema_key is not None:  # not a bare state dict: one that holds the EMA weights only
+            raise ValueError(f'{source} holds only EMA weights ({ema_key}), no model weights (state_dict)')
         state_dict = checkpoint if key is None else checkpoint[key]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f'{source} holds no tensor state dict')

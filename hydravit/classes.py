@@ -183,3 +183,41 @@ def missing_classes(known: Sequence[str], found: Dict[str, int]) -> List[str]:
 def shown(names: Sequence[str], limit: int = 8) -> str:
     """The first ``limit`` names, comma-separated, with ``...`` when there are more."""
     return ', '.join(names[:limit]) + (', ...' if len(names) > limit else '')
+
+
+def check_class_map_agrees(known: Sequence[str], class_map: Dict[str, int]) -> None:
+    """Raise ``ValueError`` when ``class_map`` (``{name: label}``) gives a class another label than ``known`` (the
+    class names a checkpoint records, in label order) does: label l would be scored as class ``known[l]``.
+
+    A map that agrees on every class it names (a subset, or the training run's own ``class_map.txt``) passes.
+    """
+    wrong = [(name, label) for name, label in class_map.items()
+             if not 0 <= label < len(known) or known[label] != name]
+    if not wrong:
+        return
+    name, label = wrong[0]
+    recorded = f"the checkpoint's label {label} is {known[label]!r}" if 0 <= label < len(known) else \
+        f'the checkpoint has {len(known)} classes'
+    raise ValueError(f'labels {name!r} as {label}, but {recorded} ({len(wrong)} of its {len(class_map)} classes '
+                     f'contradict the class names the checkpoint records: {shown(list(known))})')
+
+
+TIMM_FOLDERS = "timm's folder reader (the default --dataset)"
+TORCHVISION_FOLDERS = "torchvision's ImageFolder (--dataset torch/image_folder)"
+
+
+def folder_orders(dataset) -> Optional[Tuple[Tuple[str, List[str]], Tuple[str, List[str]]]]:
+    """For a class-folder dataset: ((this reader, its order of the class folders), (the other folder reader, the
+    order it would give)), else None. timm's folder reader sorts class folders naturally (1, 2, 10), torchvision's
+    ImageFolder (``--dataset torch/image_folder``) as strings (1, 10, 2): without recorded class names, label i
+    means the i-th folder of whichever reader the model was trained with."""
+    from timm.utils import natural_key
+    from torchvision.datasets import DatasetFolder
+    found = dataset_class_to_idx(dataset)
+    reader = getattr(dataset, 'reader', None)
+    timm_folders = type(reader).__name__ in ('ReaderImageFolder', 'ReaderImageInTar')
+    if not found or not (timm_folders or isinstance(dataset, DatasetFolder)):
+        return None
+    own = (TIMM_FOLDERS if timm_folders else TORCHVISION_FOLDERS, sorted(found, key=found.__getitem__))  # as labelled
+    other = (TORCHVISION_FOLDERS, sorted(found)) if timm_folders else (TIMM_FOLDERS, sorted(found, key=natural_key))
+    return own, other

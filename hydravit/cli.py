@@ -54,11 +54,37 @@ def recorded_heads(checkpoint: Optional[dict]) -> Optional[list]:
     return list(heads) if isinstance(heads, (list, tuple)) and heads else None
 
 
-def default_heads(num_heads: int, checkpoint: Optional[dict] = None) -> List[int]:
-    """Head set stored with a training checkpoint (``recorded_heads``), else 3 6 12 clipped to the model."""
+def checked_recorded_heads(checkpoint: Optional[dict], num_heads: int, source: str = 'the checkpoint'
+                           ) -> Optional[List[int]]:
+    """``recorded_heads`` checked against a ``num_heads``-head model, else None (none recorded).
+
+    Raises ``ValueError`` naming ``source`` (the file), the key (``heads`` / ``args.heads``) and ``--heads``: a
+    recorded set that is not one of this model's (``[3, 6, 20]``, ``['3', '6']``) says nothing usable, and the
+    command line can say instead.
+    """
+    recorded, problem = _parse_recorded_heads(checkpoint, num_heads, source)
+    if problem:
+        raise ValueError(f'--heads: {problem}; pass --heads with the head counts it was trained on')
+    return recorded
+
+
+def _parse_recorded_heads(checkpoint: Optional[dict], num_heads: int, source: str) -> Tuple[Optional[List[int]], str]:
+    """(the recorded head set, checked; or None) and what is wrong with it ('' when nothing)."""
     recorded = recorded_heads(checkpoint)
+    if recorded is None:
+        return None, ''
+    key = 'heads' if checkpoint.get('heads') is not None else 'args.heads'
+    try:
+        return parse_heads(recorded, num_heads, flag=f'{key} {recorded!r}'), ''
+    except ValueError as e:
+        return None, f'{source} records {e}'
+
+
+def default_heads(num_heads: int, checkpoint: Optional[dict] = None, source: str = 'the checkpoint') -> List[int]:
+    """Head set stored with a training checkpoint (``checked_recorded_heads``), else 3 6 12 clipped to the model."""
+    recorded = checked_recorded_heads(checkpoint, num_heads, source)
     if recorded is not None:
-        return parse_heads(recorded, num_heads, flag='checkpoint heads')
+        return recorded
     return sorted({min(k, num_heads) for k in DEFAULT_EVAL_HEADS})
 
 
@@ -126,10 +152,23 @@ def create_model_from_args(args: argparse.Namespace,
         model.load_state_dict(state_dict, strict=True)
         if resampled:
             note(resampled)
-    recorded = recorded_heads(checkpoint)
-    if recorded is not None and hasattr(model, 'trained_heads'):
-        model.trained_heads = sorted(parse_heads(recorded, model.num_heads, flag='checkpoint heads'))
+    if hasattr(model, 'trained_heads'):
+        model.trained_heads = _trained_heads(args, checkpoint, model.num_heads, note)
     return model, checkpoint
+
+
+def _trained_heads(args: argparse.Namespace, checkpoint: Optional[dict], num_heads: int,
+                   note: Callable[[str], None]) -> Optional[List[int]]:
+    """The checkpoint's recorded head set, sorted. A malformed one is an error only when it is needed: with
+    ``--heads`` given it is ignored, with one warning line."""
+    source = str(getattr(args, 'checkpoint', '') or 'the checkpoint')
+    if getattr(args, 'heads', None) is None:
+        recorded = checked_recorded_heads(checkpoint, num_heads, source)
+    else:
+        recorded, problem = _parse_recorded_heads(checkpoint, num_heads, source)
+        if problem:
+            note(f'warning: {problem}; ignored: --heads {" ".join(map(str, args.heads))} given')
+    return None if recorded is None else sorted(recorded)
 
 
 def _input_kwargs(args: argparse.Namespace) -> dict:
@@ -165,8 +204,9 @@ def _classifier_kwargs(state_dict: dict) -> dict:
 def resolve_heads(args: argparse.Namespace, model, checkpoint: Optional[dict]) -> List[int]:
     """``--heads`` (or the default head set) checked against ``model``: range, duplicates, and, for the
     separate-classifiers variant, that each k has a classifier. The active head count is left as it was."""
-    heads = default_heads(model.num_heads, checkpoint) if args.heads is None else parse_heads(args.heads,
-                                                                                              model.num_heads)
+    source = str(getattr(args, 'checkpoint', '') or 'the checkpoint')
+    heads = default_heads(model.num_heads, checkpoint, source) if args.heads is None else parse_heads(args.heads,
+                                                                                                      model.num_heads)
     current = model.active_heads
     for k in heads:
         model.set_heads(k)  # raises ValueError with the model's own message

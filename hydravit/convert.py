@@ -309,7 +309,7 @@ def convert_state_dict(vit: VisionTransformer, score: str, batches: Sequence[tor
 # --- command line ------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog='python -m hydravit.convert', description=__doc__.split('\n\n')[0],
+        allow_abbrev=False, prog='python -m hydravit.convert', description=__doc__.split('\n\n')[0],
         epilog='Example: python -m hydravit.convert data/digits --model hydravit_dyn_patch4_32 '
                '--checkpoint output/k12/model_best.pth.tar -o converted.pth --report')
     parser.add_argument('data', metavar='DATA', help='image folder; its train split gives the calibration images')
@@ -335,6 +335,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report_file and not args.report:
         parser.error('--report-file: only with --report')
+    from .evaluation.common import UsageError, check_output_file  # the tools' own check of files written last
+    try:
+        for flag, path in (('-o/--output', args.output), ('--report-file', args.report_file)):
+            if path:
+                check_output_file(path, flag)
+    except UsageError as e:
+        parser.error(str(e))
     for flag in ('calib_images', 'batch_size'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag.replace("_", "-")} must be >= 1')

@@ -120,14 +120,18 @@ def export_subnetwork(model: HydraViT, k: int) -> VisionTransformer:
     return vit.train(model.training)
 
 
-def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
+def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path],
+                    label_names: Optional[Sequence[str]] = None) -> Path:
     """Write the k-head subnetwork as ``config.json`` + ``model.safetensors`` (``NonFiniteWeightsError`` and
     nothing written if its weights hold NaN or inf).
 
-    The folder loads with stock timm: ``timm.create_model('local-dir:OUT_DIR', pretrained=True)``.
+    The folder loads with stock timm: ``timm.create_model('local-dir:OUT_DIR', pretrained=True)``. ``label_names``
+    (the class names in label order, e.g. those the checkpoint records) are written as timm's ``label_names``, which
+    timm puts in ``model.pretrained_cfg['label_names']``: what label i means, whichever reader labels the data.
     """
     out_dir = Path(out_dir)
     args = subnetwork_vit_args(model, k)
+    check_label_names(label_names, args['num_classes'])
     state_dict = {n: t.detach().to('cpu').contiguous() for n, t in finite_subnetwork_state_dict(model, k).items()}
     out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused export leaves no folder behind
     cfg_keys = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'first_conv', 'classifier')
@@ -142,9 +146,20 @@ def save_subnetwork(model: HydraViT, k: int, out_dir: Union[str, Path]) -> Path:
         'pretrained_cfg': pretrained_cfg,
         'hydravit': {'heads': k, 'source_heads': model.num_heads},
     }
+    if label_names is not None:
+        config['label_names'] = [str(name) for name in label_names]
     atomic_write(out_dir / 'model.safetensors', lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
     atomic_write(out_dir / 'config.json', lambda p: p.write_text(to_json(config, indent=2) + '\n'))
     return out_dir
+
+
+def check_label_names(label_names: Optional[Sequence[str]], num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``label_names`` (or None) names each of ``num_classes`` labels once."""
+    if label_names is None:
+        return
+    if len(label_names) != num_classes or len(set(label_names)) != len(label_names):
+        raise ValueError(f'label names must name each of the {num_classes} classes once, got {len(label_names)} '
+                         f'({len(set(label_names))} distinct)')
 
 
 def _pretrained_cfg(model: HydraViT, vit: Optional[VisionTransformer] = None) -> Dict:

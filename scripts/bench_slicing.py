@@ -76,7 +76,8 @@ def target_of(metric: str, compiled: bool) -> Optional[float]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', '-m', default='hydravit_dyn_patch16_224', help='registered HydraViT model')
     parser.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s)')
     parser.add_argument('--num-classes', type=int, default=1000)

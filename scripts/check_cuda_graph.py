@@ -30,7 +30,8 @@ from hydravit.evaluation.environment import configure_cuda  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='hydravit_dyn_patch16_224', help='registered HydraViT model')
     parser.add_argument('--heads', type=int, nargs='+', default=[3, 6, 12], help='head counts to serve')
     parser.add_argument('-b', '--batch-size', type=int, default=1, help='served batch size (default: 1)')

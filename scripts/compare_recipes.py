@@ -537,7 +537,7 @@ def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
 
 # --- entry point -------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', default='data/digits', help='digits ImageFolder (made if missing)')
     parser.add_argument('--recipes', nargs='+', default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])

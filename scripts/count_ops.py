@@ -38,7 +38,8 @@ MIB = 2 ** 20
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', '-m', default='hydravit_dyn_patch16_224', help='registered HydraViT model')
     parser.add_argument('--ks', type=int, nargs='+', default=[3, 6, 12], help='head counts to compare')
     parser.add_argument('-b', '--batch-size', type=int, default=2, help='batch of random images')

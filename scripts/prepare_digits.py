@@ -43,7 +43,8 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, out_dir: Path, si
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('out_dir', type=Path, help='output folder (gets train/ and validation/)')
     parser.add_argument('--size', type=int, default=32, help='output image side in pixels (default: 32)')
     parser.add_argument('--val-fraction', type=float, default=0.25, help='share of images held out (default: 0.25)')

@@ -24,7 +24,8 @@ def write_mnist(out_dir: Path, size: int = 32, val_fraction: float = 0.2, seed: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('out_dir', type=Path, help='output folder (gets train/ and validation/)')
     parser.add_argument('--size', type=int, default=32, help='output image side in pixels (default: 32)')
     parser.add_argument('--val-fraction', type=float, default=0.2, help='share of images held out (default: 0.2)')

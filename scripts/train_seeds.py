@@ -64,7 +64,8 @@ def run(job: Job, seed: int, runs: Path, extra: List[str]) -> Optional[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--job', type=parse_job, action='append', required=True, metavar='NAME:DATA:CONFIG')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--runs', type=Path, default=Path('output/seeds'), help='runs folder (default: output/seeds)')

@@ -25,7 +25,8 @@ HEADS = list(range(3, 13))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', default=str(ROOT / 'data' / 'digits'), help='digits image folder')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--runs', default=str(ROOT / 'output' / 'compare'), help="compare_recipes.py's run folder")

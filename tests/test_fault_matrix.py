@@ -28,7 +28,8 @@ Documented skips:
 * export ``--format timm`` takes no DATA (refused: "only --format onnx uses DATA"), so data faults do not reach it.
 * validate_memory, like validate_macs, accepts DATA but never reads it (costs do not depend on pixel values); the
   macs rows prove the ignored DATA changes nothing, memory's would repeat them at seconds a cell.
-* Only a resume has a position, accumulation, world size and head set to keep (the ``resume_*`` faults).
+* Only a resume has a position, accumulation, world size, head set, run folder and optimizer state to keep (the
+  ``resume_*`` faults).
 * convert has no ``--img-size`` (it converts at its source's resolution) and no ``--dataset`` (timm's reader only).
 * The ONNX export reads DATA's first batch for its parity check only: class faults other than an unknown class
   (refused) do not reach it.
@@ -99,6 +100,9 @@ FLAT = 'DATA: {flat}'  # class_folder_message(DATA, 3)
 UNKNOWN_CLASS = 'DATA ({data}) has classes the model was not trained on: 3 (trained on 3: 1, 2, 10)'
 UNKNOWN_VAL_CLASS = "--val-split 'validation' has classes the model was not trained on: 3 (trained on 3: 1, 2, 10)"
 OTHER_CLASSES = '--resume: the checkpoint was trained on other classes than {data} holds (differ: {differ})'
+OTHER_HEADS = '--resume: --heads gives 3 4 12, but {ckpt} was trained with 3 6 12; in its run folder that would ' \
+              'change summary.csv columns or the model_best ranking: resume with the same --heads, or into a new ' \
+              'run folder (--experiment NAME)'
 RESAMPLED = '{ckpt}: position embedding resampled from a 8x8 to a 12x12 patch grid (the checkpoint was trained at ' \
             'another resolution; bicubic, as timm does)'
 
@@ -106,7 +110,8 @@ NOT_A_CHECKPOINT = Skip('pick reads a profile JSON, not a checkpoint (its own fa
 NO_IMAGES = Skip('pick reads a profile JSON, no images')
 TIMM_NO_DATA = Skip('export --format timm takes no DATA (refused: only --format onnx uses DATA)')
 MEMORY_NO_DATA = Skip('validate_memory never reads DATA, as validate_macs, whose rows show it changes nothing')
-RESUME_ONLY = Skip('only a resume has a position, accumulation, world size and head set to keep')
+RESUME_ONLY = Skip('only a resume has a position, accumulation, world size, head set, run folder and optimizer '
+                   'state to keep')
 ONNX_NO_LABELS = Skip('the ONNX export reads DATA\'s first batch for its parity check; labels do not reach it')
 PICK_ONLY = Skip('only pick reads a profile JSON')
 
@@ -117,8 +122,12 @@ CHECKPOINT_TOOLS = tuple(e for e in TOOLS if e != 'pick')
 WEIGHT_FAULTS = ('nan_model', 'nan_ema', 'nan_ema_unused', 'truncated', 'foreign', 'img_size')
 DATA_FAULTS = ('extra_class', 'missing_class', 'other_order', 'other_reader', 'image_size', 'empty', 'flat')
 RESUME_FAULTS = ('resume_batch', 'resume_batch_partial', 'resume_accum', 'resume_world_1to2', 'resume_world_2to4',
-                 'resume_heads')
+                 'resume_heads', 'resume_symlink', 'resume_moved', 'resume_opt')
 PICK_FAULTS = ('pick_truncated', 'pick_foreign', 'pick_nan')
+FLAG_FAULTS = ('class_map_contradicts', 'results_dir')  # a --class-map against the recorded names; an unwritable file
+CLASS_MAP_CONTRADICTS = ("--class-map: {root}/class_map.txt labels '10' as 0, but the checkpoint's label 0 is '1' (2 "
+                         'of its 3 classes contradict the class names the checkpoint records: 1, 2, 10); leave '
+                         '--class-map out to label DATA by the recorded names')
 
 MATRIX: List[Tuple[str, str, object]] = [
     # non-finite weights: refused where they are used, and only there
@@ -203,9 +212,12 @@ MATRIX: List[Tuple[str, str, object]] = [
                                             'whose image order 2 process(es) cannot replay; resume it on one '
                                             'process, or from the end-of-epoch last.pth.tar')),
     ('resume', 'resume_world_2to4', Works('position')),
-    ('resume', 'resume_heads', Refused('--resume: --heads gives 3 4 12, but {ckpt} was trained with 3 6 12; in its run '
-                                       'folder that would change summary.csv columns or the model_best ranking: '
-                                       'resume with the same --heads, or into a new run folder (--experiment NAME)')),
+    ('resume', 'resume_heads', Refused(OTHER_HEADS)),
+    ('resume', 'resume_symlink', Refused(OTHER_HEADS)),  # into its run folder through a symlinked --output
+    ('resume', 'resume_moved', Refused(OTHER_HEADS)),  # a copy of last.pth.tar resumed into its run folder
+    ('resume', 'resume_opt', Refused('--opt: {ckpt} was trained with --opt adamw, and its optimizer state is adamw\'s, '
+                                     'not sgd\'s; resume with --opt adamw, or with --no-resume-opt to start the '
+                                     'optimizer afresh')),
     *[(e, f, RESUME_ONLY) for e in ENTRIES if e != 'resume' for f in RESUME_FAULTS],
 
     # pick's own input: a profile JSON
@@ -214,8 +226,26 @@ MATRIX: List[Tuple[str, str, object]] = [
     ('pick', 'pick_foreign', Refused('PROFILE: {ckpt}: expected an object with "device" and "rows"')),
     ('pick', 'pick_nan', Refused('PROFILE: {ckpt}: row 0 (heads 1): top1 must be a finite number >= 0, got nan')),
     *[(e, f, PICK_ONLY) for e in ENTRIES if e != 'pick' for f in PICK_FAULTS],
+
+    # --class-map reversing the recorded class names: refused before any work wherever it is taken
+    ('train', 'class_map_contradicts', Skip('a new run records the names --class-map gives (an --initial-checkpoint\'s '
+                                            'classifier rows follow them by name: train-other_order)')),
+    ('resume', 'class_map_contradicts', Refused(OTHER_CLASSES.replace('{differ}', 'same names, other order'))),
+    *[(e, 'class_map_contradicts', Refused(CLASS_MAP_CONTRADICTS))
+      for e in (*EVAL, 'export', 'onnx', 'profile', 'serve_bench')],
+    ('convert', 'class_map_contradicts', Skip('convert has no --class-map: it labels DATA by the source\'s names')),
+    ('pick', 'class_map_contradicts', NO_IMAGES),
+    # --results-file an existing folder: refused before any work (convert's -o / --report-file: test_review_fixes)
+    *[(e, 'results_dir', Refused('--results-file: {root} is a folder; give a file name'))
+      for e in (*EVAL, 'profile', 'serve_bench')],
+    *[(e, 'results_dir', Skip('a run writes into its run folder (--output), no --results-file'))
+      for e in ('train', 'resume')],
+    *[(e, 'results_dir', Skip('export writes no results file; an unwritable -o is refused alike (test_review_fixes)'))
+      for e in ('export', 'onnx')],
+    ('convert', 'results_dir', Skip('convert has --report-file, refused alike (test_review_fixes)')),
+    ('pick', 'results_dir', Skip('pick writes no results file')),
 ]
-FAULTS = (*WEIGHT_FAULTS, *DATA_FAULTS, *RESUME_FAULTS, *PICK_FAULTS)
+FAULTS = (*WEIGHT_FAULTS, *DATA_FAULTS, *RESUME_FAULTS, *PICK_FAULTS, *FLAG_FAULTS)
 
 
 def test_matrix_is_a_whole_table():
@@ -262,6 +292,12 @@ def world(tmp_path_factory) -> World:
     assert last['class_names'] == CLASSES and last['state_dict_ema'] is not None
     files = w.files
     files['good'] = w.run / 'last.pth.tar'
+    files['outlink'] = root / 'outlink'  # the run's --output, reached through a symlink
+    files['outlink'].symlink_to(root / 'out')
+    files['moved'] = root / 'moved.pth.tar'  # its last.pth.tar, copied out of the run folder
+    shutil.copy(files['good'], files['moved'])
+    files['class_map'] = root / 'class_map.txt'  # the recorded names reversed: 10, 2, 1
+    files['class_map'].write_text('10\n2\n1\n')
     files['nan_model'] = root / 'nan_model.pth.tar'
     torch.save({**last, 'state_dict': with_nan(last['state_dict'])}, files['nan_model'])
     files['nan_ema'] = root / 'nan_ema.pth.tar'
@@ -338,6 +374,11 @@ def make_case(w: World, fault: str) -> Case:
         'resume_world_1to2': replace(good, resume_from='recovery-0-3.pth.tar'),
         'resume_world_2to4': replace(good, resume_from='recovery-0-3.pth.tar'),
         'resume_heads': replace(good, resume_flags=('--heads', '3', '4', '12')),
+        'resume_symlink': replace(good, resume_flags=('--heads', '3', '4', '12')),
+        'resume_moved': replace(good, ckpt=files['moved'], resume_flags=('--heads', '3', '4', '12')),
+        'resume_opt': replace(good, resume_flags=('--opt', 'sgd')),
+        'class_map_contradicts': replace(good, flags=('--class-map', str(files['class_map']))),
+        'results_dir': replace(good, flags=('--results-file', str(w.root))),
         'pick_truncated': replace(good, ckpt=files['pick_truncated']),
         'pick_foreign': replace(good, ckpt=files['pick_foreign']),
         'pick_nan': replace(good, ckpt=files['pick_nan']),
@@ -363,8 +404,9 @@ def resume_call(c: Case, out: Path, fault: str, w: World):
     path = resume_path(c, w)
     if fault.startswith('resume_world'):
         return world_size_resume, [str(path), fault]
-    experiment = 'run' if fault == 'resume_heads' else 'cell'  # heads: into its own run folder
-    output = w.root / 'out' if fault == 'resume_heads' else out
+    into_run = fault in ('resume_heads', 'resume_symlink', 'resume_moved')  # into its own run folder
+    experiment = 'run' if into_run else 'cell'
+    output = w.files['outlink'] if fault == 'resume_symlink' else w.root / 'out' if into_run else out
     argv = train_argv(c.data, output, experiment, '--resume', str(path), *c.flags, *c.resume_flags,
                       *(('--model-ema',) if c.use_ema else ()))
     argv += ['--check-only'] if fault in CHECKPOINT_FAULTS else ['--epochs', '2']  # last.pth.tar ended epoch 0
@@ -404,7 +446,8 @@ def tool_call(entry: str, c: Case, out: Path):
         main = {'validate': accuracy.main, 'macs': macs.main, 'memory': memory.main,
                 'throughput': throughput.main}[entry]
         extra = BENCH if entry == 'throughput' else ()
-        return main, [*base, '--heads', '3', *QUICK, *extra, '--results-file', str(out / 'rows.json')]
+        results = () if '--results-file' in c.flags else ('--results-file', str(out / 'rows.json'))
+        return main, [*base, '--heads', '3', *QUICK, *extra, *results]
     if entry == 'export':
         return export_cli.main, [*base[1:], '--heads', '3', '-o', str(out)]
     if entry == 'onnx':
@@ -599,7 +642,8 @@ def fill(message: str, w: World, entry: str, fault: str) -> str:
     case = make_case(w, fault)
     ckpt = resume_path(case, w) if entry == 'resume' else case.ckpt
     size = case.ckpt.stat().st_size if case.ckpt.is_file() else 0
-    return message.format(ckpt=ckpt, data=case.data, run=w.run, size=size, flat=class_folder_message(str(case.data), 3),
+    return message.format(ckpt=ckpt, data=case.data, run=w.run, root=w.root, size=size,
+                          flat=class_folder_message(str(case.data), 3),
                           reason='RuntimeError: PytorchStreamReader failed reading zip archive: failed finding '
                                  'central directory')
 

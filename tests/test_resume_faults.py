@@ -3,20 +3,23 @@ change the run folder's summary columns or ranking, and DDP validation counting 
 import argparse
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
-from test_train import ROOT, base_args, load, make_image_folder, run_train
+from test_train import MODEL, ROOT, base_args, load, make_image_folder, run_train
 from timm.data.distributed_sampler import OrderedDistributedSampler
 from torch.utils.data import DistributedSampler
 
+from hydravit.checkpoint import extract_state_dict
 from hydravit.evaluation import accuracy
 from hydravit.evaluation.accuracy import genuine_samples
-from hydravit.training.checkpointing import ResumePoint, TrainingState, resume_position, rng_state
+from hydravit.training.checkpointing import ResumePoint, TrainingState, continues_run, resume_position, rng_state
 from hydravit.training.config import ConfigError
 
 ERR = 'python -m hydravit.train: error: '
@@ -173,3 +176,127 @@ def test_ddp_validation_counts_each_image_once(tmp_path):
         assert top1 == pytest.approx(row['top1'], abs=1e-4)  # validate.py rounds to 4 decimals
         hits = top1 * 13 / 100
         assert hits == pytest.approx(round(hits), abs=1e-9) and 0 < round(hits) < 13
+
+
+# --- review F1: the run folder is judged by what it holds, however it is reached -------------------------------
+def _folder_state(run) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+
+
+LAYOUT = ('{ERR}--resume: --heads gives 3 4 5 6, but {ckpt} was trained with 3 6 12; in its run folder that would '
+          'change summary.csv columns or the model_best ranking: resume with the same --heads, or into a new run '
+          'folder (--experiment NAME)\n')
+
+
+def test_resume_into_its_folder_through_a_symlink_or_from_a_copy_is_refused(recovery_run, tmp_path, capsys):
+    data, out, run = recovery_run
+    before = _folder_state(run)
+    heads = ('--epochs', '2', '--heads', '3', '4', '5', '6')
+    (tmp_path / 'link').symlink_to(out)
+    assert run_train(*base_args(data, tmp_path / 'link', 'b4', '--resume', str(run / 'last.pth.tar'), *heads)) == 2
+    assert capsys.readouterr().err == LAYOUT.format(ERR=ERR, ckpt=run / 'last.pth.tar')
+    copy = tmp_path / 'copy.pth.tar'
+    shutil.copy(run / 'last.pth.tar', copy)  # its ranking records the folder it was saved in
+    assert run_train(*base_args(data, out, 'b4', '--resume', str(copy), *heads)) == 2
+    assert capsys.readouterr().err == LAYOUT.format(ERR=ERR, ckpt=copy)
+    older = tmp_path / 'older.pth.tar'  # a checkpoint that does not record its folder: summary.csv's header tells
+    checkpoint = load(copy)
+    del checkpoint['saver']['directory']
+    torch.save(checkpoint, older)
+    assert run_train(*base_args(data, out, 'b4', '--resume', str(older), *heads)) == 2
+    assert capsys.readouterr().err == (
+        f'{ERR}--heads gives 3 4 5 6, but {run / "summary.csv"} was written with 3 6 12; its rows of the epochs '
+        f'before 1 would stay under that header: use the same --heads, or a new run folder (--experiment NAME)\n')
+    assert _folder_state(run) == before
+
+
+def test_start_epoch_into_a_folder_with_other_columns_is_refused(recovery_run, capsys):
+    data, out, run = recovery_run
+    before = _folder_state(run)
+    assert run_train(*base_args(data, out, 'b4', '--start-epoch', '1', '--epochs', '2', '--model-ema')) == 2
+    assert capsys.readouterr().err == (
+        f'{ERR}--model-ema gives EMA validated, but {run / "summary.csv"} was written with no EMA validated; its rows '
+        f'of the epochs before 1 would stay under that header: use the same --model-ema, or a new run folder '
+        f'(--experiment NAME)\n')
+    assert _folder_state(run) == before
+
+
+def test_a_run_folder_is_known_by_its_real_path_or_its_recorded_one(recovery_run, tmp_path):
+    _, out, run = recovery_run
+    checkpoint = load(run / 'last.pth.tar')
+    (tmp_path / 'link').symlink_to(out)
+    assert continues_run(checkpoint, str(run / 'last.pth.tar'), str(tmp_path / 'link' / 'b4'))
+    assert continues_run(checkpoint, str(tmp_path / 'link' / 'b4' / 'last.pth.tar'), str(run))
+    copy = tmp_path / 'copy.pth.tar'  # resumed into its folder: the ranking it records is continued
+    shutil.copy(run / 'last.pth.tar', copy)
+    assert continues_run(checkpoint, str(copy), str(run))
+    assert not continues_run(checkpoint, str(copy), str(out)) and not continues_run(checkpoint, str(copy), None)
+    del checkpoint['saver']['directory']
+    assert not continues_run(checkpoint, str(copy), str(run))
+
+
+# --- review F5: an optimizer state this run's optimizer cannot take -----------------------------------------------
+def _group_sizes() -> list:
+    """timm's weight-decay split of the small model: 1-d tensors, biases and no_weight_decay() first, then the rest."""
+    model = timm.create_model(MODEL, num_classes=2)
+    skip = model.no_weight_decay()
+    flat = [n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith('.bias') or n in skip]
+    return [len(flat), len(list(model.parameters())) - len(flat)]
+
+
+def test_resume_with_another_optimizer_is_refused_before_anything_is_written(recovery_run, tmp_path, capsys):
+    data, out, run = recovery_run
+    path = run / 'last.pth.tar'
+    afresh = 'or with --no-resume-opt to start the optimizer afresh\n'
+    flat, decayed = _group_sizes()
+    for extra, message in [
+        (('--opt', 'sgd'), f'--opt: {path} was trained with --opt adamw, and its optimizer state is adamw\'s, not '
+                           f'sgd\'s; resume with --opt adamw, {afresh}'),
+        (('--weight-decay', '0'), f'--weight-decay: {path} holds optimizer state for 2 parameter group(s) of '
+                                  f'{flat}/{decayed} tensors, --weight-decay 0.0 builds 1 of {flat + decayed}; resume '
+                                  f'with --weight-decay 2e-05, {afresh}')]:
+        assert run_train(*base_args(data, out, 'opt', '--resume', str(path), '--epochs', '2', *extra)) == 2
+        assert capsys.readouterr().err == ERR + message, extra
+    assert run_train(*base_args(data, out, 'opt', '--resume', str(path), '--epochs', '2', '--layer-decay', '0.7')) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'{ERR}--layer-decay: {path} holds optimizer state for 2 parameter group(s) of '
+                          f'{flat}/{decayed} tensors, --layer-decay 0.7 builds ') and err.endswith(
+        f'; resume without --layer-decay, {afresh}') and err.count('\n') == 1
+    none = tmp_path / 'no_opt.pth.tar'
+    torch.save({**load(path), 'optimizer': None}, none)
+    assert run_train(*base_args(data, out, 'opt', '--resume', str(none), '--epochs', '2')) == 2
+    assert capsys.readouterr().err == (f'{ERR}--resume: {none} holds no optimizer state; resume with --no-resume-opt '
+                                       f'to start the optimizer afresh\n')
+    assert not (out / 'opt').exists()
+    assert run_train(*base_args(data, out, 'sgd', '--resume', str(path), '--epochs', '2', '--opt', 'sgd',
+                                '--no-resume-opt')) == 0
+
+
+def test_resumed_optimizer_trains_with_this_runs_hyperparameters():
+    model = torch.nn.Linear(3, 2)
+    saved_opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.05, betas=(0.9, 0.99))
+    model(torch.ones(1, 3)).sum().backward()
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.2, betas=(0.8, 0.9))
+    state = TrainingState(argparse.Namespace(opt_kwargs={}), model, optimizer)
+    state._restore_optimization({'optimizer': saved})
+    group = optimizer.param_groups[0]
+    assert (group['weight_decay'], tuple(group['betas'])) == (0.2, (0.8, 0.9))
+    for param in model.parameters():
+        assert torch.equal(optimizer.state[param]['exp_avg'], saved_opt.state[param]['exp_avg'])
+
+
+# --- review F10: model weights asked of a file holding only EMA weights ------------------------------------------
+def test_initial_checkpoint_weights_model_of_an_ema_only_file(recovery_run, tmp_path, capsys):
+    data, out, run = recovery_run
+    path = tmp_path / 'ema_only.pth'
+    torch.save({'state_dict_ema': load(run / 'last.pth.tar')['state_dict']}, path)
+    assert run_train(*base_args(data, out, 'ema', '--initial-checkpoint', str(path),
+                                '--initial-checkpoint-weights', 'model', '--check-only')) == 2
+    assert capsys.readouterr().err == (f'{ERR}--initial-checkpoint-weights model: {path} holds only EMA weights '
+                                       f'(state_dict_ema); use --initial-checkpoint-weights ema or auto\n')
+    with pytest.raises(ValueError, match=r'^x holds only EMA weights \(state_dict_ema\), no model weights '
+                                         r'\(state_dict\)$'):
+        extract_state_dict(load(path), source='x')
+    assert not (out / 'ema').exists()

@@ -405,7 +405,7 @@ def test_resume_onto_data_of_other_classes_is_refused(partial_run, tmp_path, cap
     data = make_split_folder(tmp_path / 'data', {'train': ('class_0', 'class_1', 'zebra'),
                                                  'validation': ('class_0', 'class_1', 'zebra')})
     rc = train_main([str(data), '--model', SMALL, '--num-classes', '3', '--heads', '3', '12', '-b', '3',
-                     '--epochs', '2', '--workers', '0', '--resume', str(run / 'last.pth.tar'),
+                     '--epochs', '2', '--workers', '0', '--resume', str(run / 'last.pth.tar'), '--opt', 'adamw',
                      '--output', str(tmp_path / 'out')])
     err = capsys.readouterr().err
     assert rc == 2 and 'error: --resume' in err and 'class_2, zebra' in err

@@ -8,6 +8,7 @@ Every measurement comes from the evaluation core (``hydravit.evaluation``). The 
 """
 from .pick import choose, pareto_frontier
 from .profile import read_profile, write_profile
-from .runtime import ElasticRunner, HeadController
+from .runtime import CascadeController, ElasticCascadeRunner, ElasticRunner, HeadController, OperatingPoint
 
-__all__ = ['ElasticRunner', 'HeadController', 'choose', 'pareto_frontier', 'read_profile', 'write_profile']
+__all__ = ['CascadeController', 'ElasticCascadeRunner', 'ElasticRunner', 'HeadController', 'OperatingPoint',
+           'choose', 'pareto_frontier', 'read_profile', 'write_profile']

@@ -14,7 +14,7 @@ COMMANDS = {  # command: (module, what it does)
 
 def main(argv: Optional[Sequence[str]] = None) -> object:
     parser = argparse.ArgumentParser(
-        prog='python -m hydravit.deploy', formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False, prog='python -m hydravit.deploy', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Deployment tools; `python -m hydravit.deploy COMMAND --help` for the flags of each.',
         epilog='\n'.join(f'  {name:12s} {what}' for name, (_, what) in COMMANDS.items()))
     parser.add_argument('command', choices=tuple(COMMANDS), metavar='COMMAND', help=', '.join(COMMANDS))

@@ -15,17 +15,25 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..classes import class_names, read_class_map
 from ..cli import add_model_args
 from ..evaluation import throughput
-from ..evaluation.common import EvalSession, UsageError, add_data_args, create_session
-from ..export import export_subnetwork, save_subnetwork
+from ..evaluation.common import (
+    EvalSession,
+    UsageError,
+    add_data_args,
+    check_output_file,
+    check_output_folder,
+    create_session,
+)
+from ..export import check_label_names, export_subnetwork, save_subnetwork
 from . import onnx
 
 FORMATS = ('timm', 'onnx')
 
 
 def create_export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python scripts/export.py', description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog='python scripts/export.py', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('data', metavar='DATA', nargs='?', default=None,
                         help='--format onnx: image folder whose first batch is a second parity check')
@@ -50,11 +58,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         session = create_session(args)
         outputs = output_paths(args, session.heads)
         batches = parity_batches(session) if args.format == 'onnx' else {}
+        label_names = export_label_names(session)
     except UsageError as e:
         parser.error(str(e))
     if args.format == 'timm':
-        return [_export_timm(session.model, k, out) for k, out in outputs.items()]
-    failures = [f for k, out in outputs.items() for f in _export_onnx(session, k, out, batches, args.opset)]
+        return [_export_timm(session.model, k, out, label_names) for k, out in outputs.items()]
+    failures = [f for k, out in outputs.items()
+                for f in _export_onnx(session, k, out, batches, args.opset, label_names)]
     if failures:
         sys.exit('export: ' + '; '.join(failures))
     return list(outputs.values())
@@ -74,7 +84,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def output_paths(args: argparse.Namespace, heads: Sequence[int]) -> Dict[int, Path]:
-    """Where each head count goes (see the module docstring)."""
+    """Where each head count goes (see the module docstring); ``UsageError`` when one cannot be written."""
+    outputs = _output_paths(args, heads)
+    check = check_output_folder if args.format == 'timm' else check_output_file
+    for out in outputs.values():
+        check(str(out), '--output')
+    return outputs
+
+
+def _output_paths(args: argparse.Namespace, heads: Sequence[int]) -> Dict[int, Path]:
     out = Path(args.output)
     if args.format == 'timm':
         return {k: out if len(heads) == 1 else out / f'k{k}' for k in heads}
@@ -94,16 +112,32 @@ def parity_batches(session: EvalSession) -> Dict[str, torch.Tensor]:
     return batches
 
 
-def _export_timm(model, k: int, out: Path) -> Path:
-    save_subnetwork(model, k, out)
+def export_label_names(session: EvalSession) -> Optional[List[str]]:
+    """The class names to write with an export (timm's ``label_names``): those the checkpoint records, else
+    ``--class-map``'s, else None. ``create_session`` checked that ``--class-map`` agrees with recorded names."""
+    args, num_classes = session.args, session.model.num_classes
+    names = session.class_names
+    if names is None and args.class_map:
+        try:
+            names = class_names(read_class_map(args.class_map, args.data or ''))
+            check_label_names(names, num_classes)
+        except (ValueError, OSError) as e:
+            raise UsageError(f'--class-map: {args.class_map} must name the model\'s {num_classes} classes in label '
+                             f'order (0..{num_classes - 1}): {e}') from e
+    return names if names is not None and len(names) == num_classes else None
+
+
+def _export_timm(model, k: int, out: Path, label_names: Optional[List[str]]) -> Path:
+    save_subnetwork(model, k, out, label_names)
     print(f'heads={k}: embed_dim={k * model.head_dim} params={model.subnetwork_params(k):,} -> {out}')
     return out
 
 
-def _export_onnx(session: EvalSession, k: int, out: Path, batches: Dict[str, torch.Tensor], opset: int) -> List[str]:
+def _export_onnx(session: EvalSession, k: int, out: Path, batches: Dict[str, torch.Tensor], opset: int,
+                 label_names: Optional[List[str]]) -> List[str]:
     """Export, check and time one head count; returns what failed (the file is removed if anything did)."""
     model = session.model
-    onnx.export_onnx(model, k, out, session.input_size, opset)
+    onnx.export_onnx(model, k, out, session.input_size, opset, label_names)
     stored, params = onnx.initializer_count(out), model.subnetwork_params(k)
     print(f'heads={k}: embed_dim={k * model.head_dim} params={params:,} -> {out} '
           f'({out.stat().st_size / 1e6:.2f} MB, opset {opset}; initializers {stored:,} = {stored / params:.1%} '

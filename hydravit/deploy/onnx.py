@@ -9,15 +9,16 @@ Needs the ``deploy`` extra (onnx, onnxscript for torch's exporter, onnxruntime);
 that the rest of hydravit works without them.
 """
 import importlib.util
+import json
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..checkpoint import atomic_write
 from ..evaluation.throughput import benchmark_latency
-from ..export import export_subnetwork
+from ..export import check_label_names, export_subnetwork
 from ..model import HydraViT
 
 DEFAULT_OPSET = 18  # the torch.export-based exporter's own opset; 17 is the oldest accepted
@@ -32,9 +33,12 @@ def missing_requirements() -> Tuple[str, ...]:
     return tuple(name for name in REQUIRED if importlib.util.find_spec(name) is None)
 
 
-def export_onnx(model: HydraViT, k: int, path, input_size: Sequence[int], opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(model: HydraViT, k: int, path, input_size: Sequence[int], opset: int = DEFAULT_OPSET,
+                label_names: Optional[Sequence[str]] = None) -> Path:
     """Write the k-head subnetwork of ``model`` as ONNX to ``path`` (batch axis dynamic); weights holding NaN or
-    inf are refused before anything is traced or written (``NonFiniteWeightsError``, from ``export_subnetwork``)."""
+    inf are refused before anything is traced or written (``NonFiniteWeightsError``, from ``export_subnetwork``).
+    ``label_names`` (class names in label order) go into the model's metadata as ``label_names``, a JSON list."""
+    check_label_names(label_names, model.num_classes)
     vit = export_subnetwork(model, k).to('cpu').float().eval()
     example = torch.randn(2, *input_size)  # a batch of 1 would be specialized into the graph as a constant
     program = torch.onnx.export(
@@ -46,6 +50,8 @@ def export_onnx(model: HydraViT, k: int, path, input_size: Sequence[int], opset:
         'hydravit.heads': str(k), 'hydravit.source_heads': str(model.num_heads),
         'hydravit.embed_dim': str(k * model.head_dim), 'hydravit.input_size': ','.join(map(str, input_size)),
     })
+    if label_names is not None:  # what each logit means (timm's name for it), readable without hydravit
+        program.model.metadata_props['label_names'] = json.dumps([str(name) for name in label_names])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))

@@ -5,7 +5,11 @@
 
 Every number comes from the evaluation core (``hydravit.evaluation``): the same stages as the sweep
 (accuracy, batch-1 latency and batch-B throughput, DeepSpeed MACs, measured peak memory). The file
-is one JSON object ``{"device": {...}, "model": {...}, "rows": [...]}`` (schema in docs/deploy.md).
+is one JSON object ``{"device": {...}, "model": {...}, "rows": [...], "batch_latency": [...],
+"cascade_records": {...}}`` (schema in docs/deploy.md). ``batch_latency``: each k's mean and p90 call time at batch
+sizes 1, 2, 4, ... up to -b (what a cascade's sub-batches cost); ``cascade_records`` (with DATA): each image's
+prediction and confidence at every k, from one pass, so ``pick`` evaluates any cascade exactly. Both are optional
+on reading: a profile written before them still loads (``pick`` then searches fixed k only).
 """
 import argparse
 import json
@@ -13,12 +17,15 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..checkpoint import write_json
+from ..checkpoint import atomic_write, to_json
 from ..evaluation import memory, sweep, throughput
+from ..evaluation.cascade import CascadeRecords, collect_records
 from ..evaluation.common import (
     EvalSession,
     Row,
     UsageError,
+    autocast,
+    check_output_file,
     create_eval_dataset,
     create_eval_loader,
     create_parser,
@@ -32,6 +39,8 @@ from ..evaluation.environment import device_info
 
 PROFILE_KEYS = ('heads', 'embed_dim', 'top1', 'gmacs', 'params_m', 'latency_ms_median', 'latency_ms_p90',
                 'throughput', 'peak_mb')
+BATCH_LATENCY_KEYS = ('heads', 'batch_size', 'latency_ms_mean', 'latency_ms_p90')
+SCORE_DIGITS = 6  # significant digits of the stored confidences (keeps the file small; exits are fitted on them)
 
 
 class ProfileError(ValueError):
@@ -79,6 +88,7 @@ def _check_args(args: argparse.Namespace) -> Optional[Dict[int, float]]:
     throughput.check_args(args)
     if Path(args.output).suffix.lower() != '.json':
         raise UsageError(f'-o/--output must end in .json, got {args.output!r}')
+    check_output_file(args.output, '-o/--output')
     if args.memory_batch_size < 1:
         raise UsageError(f'--memory-batch-size must be >= 1, got {args.memory_batch_size}')
     if not args.accuracy:
@@ -118,19 +128,48 @@ def build_profile(session: EvalSession, loader=None, accuracy: Optional[Dict[int
     """Measure every head count of the session; returns the profile object (see the module docstring)."""
     args, model = session.args, session.model
     memory_shape = (args.memory_batch_size, *session.input_size)
+    records = None
+    if loader is not None:  # one pass: every k on every image; top-1 per k and the cascade records come from it
+        print(f'[records] accuracy and confidence of heads {session.heads} (one data pass)', flush=True)
+        records = collect_records(model, loader, session.heads, session.device,
+                                  amp_autocast=lambda: autocast(args, session.device),
+                                  prepare_input=session.prepare_input)
+        accuracy = {k: 100. * int(records.correct(k).sum()) / records.num_images for k in session.heads}
+    batch = throughput.input_batch(session)
+    sizes = latency_batch_sizes(args.batch_size)
     stages = [
-        sweep.throughput_stage(session, throughput.input_batch(session)),
+        sweep.throughput_stage(session, batch),
         sweep.macs_stage(session),
         ('peak memory', lambda k: {'peak_mb': memory.peak_memory_mb(model, k, memory_shape, session.device)}),
+        (f'latency at batch sizes {sizes}',
+         lambda k: {'batch_latency': throughput.benchmark_batch_sizes(session, k, batch, sizes)}),
     ]
-    results = sweep.measure_stages(session, stages, loader)
-    rows = []
+    results = sweep.measure_stages(session, stages)
+    rows, batch_latency = [], []
     for k in session.heads:
         row = results[k]
         row['embed_dim'] = k * model.head_dim
-        row['top1'] = accuracy[k] if accuracy is not None else row.get('top1')
+        row['top1'] = accuracy[k] if accuracy is not None else None
         rows.append(round_row({key: row[key] for key in PROFILE_KEYS}))
-    return {'device': device_info(args, session.device), 'model': _model_info(session), 'rows': rows}
+        batch_latency += [round_row(r) for r in row['batch_latency']]
+    profile = {'device': device_info(args, session.device), 'model': _model_info(session), 'rows': rows,
+               'batch_latency': batch_latency}
+    if records is not None:
+        profile['cascade_records'] = records_state(records)
+    return profile
+
+
+def latency_batch_sizes(batch_size: int) -> List[int]:
+    """The batch sizes each k is timed at for cascades: powers of two below ``batch_size``, and ``batch_size``."""
+    return [1 << i for i in range(max(batch_size - 1, 0).bit_length()) if 1 << i < batch_size] + [batch_size]
+
+
+def records_state(records: CascadeRecords) -> dict:
+    """``records.state_dict()`` with confidences rounded to ``SCORE_DIGITS`` significant digits."""
+    state = records.state_dict()
+    state['scores'] = {rule: {k: [float(f'{v:.{SCORE_DIGITS}g}') for v in values] for k, values in per_k.items()}
+                       for rule, per_k in state['scores'].items()}
+    return state
 
 
 def _model_info(session: EvalSession) -> dict:
@@ -160,7 +199,16 @@ def _model_info(session: EvalSession) -> dict:
 def write_profile(profile: dict, path) -> Path:
     """Check ``profile`` against the schema (a NaN or inf row value is refused) and write it as JSON."""
     check_profile(profile, str(path))
-    return write_json(path, profile, indent=2)  # any other non-finite number (device info) as null
+    # Indented, but the per-image records on one line each: thousands of numbers, one per line, would bloat the file.
+    placeholder = '"@cascade_records@"'
+    text = to_json({**profile, 'cascade_records': '@cascade_records@'} if 'cascade_records' in profile else profile,
+                   indent=2)  # any other non-finite number (device info) as null
+    if 'cascade_records' in profile:
+        text = text.replace(placeholder, to_json(profile['cascade_records']), 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text + '\n'))
+    return path
 
 
 def read_profile(path) -> dict:
@@ -191,6 +239,60 @@ def check_profile(profile, source: str = 'profile') -> None:
     with_top1 = [row['heads'] for row in rows if row['top1'] is not None]
     if with_top1 and len(with_top1) != len(rows):
         raise ProfileError(f'{source}: top1 is given for heads {with_top1} only; give it for every row or none')
+    if 'batch_latency' in profile:
+        batch_latency(profile, source)
+    if 'cascade_records' in profile:
+        cascade_records(profile, source)
+
+
+def batch_latency(profile: dict, source: str = 'profile') -> Optional[Dict[int, Dict[int, tuple]]]:
+    """``{k: {batch_size: (mean_ms, p90_ms)}}`` from the profile's ``batch_latency`` rows (None when it has none:
+    written before cascades); every k of the rows at the same batch sizes, 1 among them. ``ProfileError`` if not."""
+    table = profile.get('batch_latency')
+    if table is None:
+        return None
+    heads = [row['heads'] for row in profile['rows']]
+    if not isinstance(table, list):
+        raise ProfileError(f'{source}: "batch_latency" must be a list of rows')
+    out: Dict[int, Dict[int, tuple]] = {k: {} for k in heads}
+    for i, row in enumerate(table):
+        where = f'{source}: batch_latency row {i}'
+        if not isinstance(row, dict) or any(key not in row for key in BATCH_LATENCY_KEYS):
+            raise ProfileError(f'{where} needs {list(BATCH_LATENCY_KEYS)}')
+        k, b = row['heads'], row['batch_size']
+        if k not in out or not isinstance(b, int) or isinstance(b, bool) or b < 1 or b in out[k]:
+            raise ProfileError(f'{where}: heads must be a profiled k and batch_size a new int >= 1 for it, '
+                               f'got heads {k!r}, batch_size {b!r}')
+        values = (row['latency_ms_mean'], row['latency_ms_p90'])
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in values):
+            raise ProfileError(f'{where}: latencies must be finite numbers >= 0, got {list(values)}')
+        out[k][b] = tuple(float(v) for v in values)
+    sizes = {k: sorted(v) for k, v in out.items()}
+    if len({tuple(v) for v in sizes.values()}) != 1 or 1 not in sizes[heads[0]]:
+        raise ProfileError(f'{source}: batch_latency must time every k at the same batch sizes, 1 among them, '
+                           f'got {sizes}')
+    return out
+
+
+def cascade_records(profile: dict, source: str = 'profile') -> Optional[CascadeRecords]:
+    """The profile's per-image records (None when it has none: written before cascades, or without DATA); they must
+    cover every profiled k. ``ProfileError`` if they do not load."""
+    state = profile.get('cascade_records')
+    if state is None:
+        return None
+    try:
+        records = CascadeRecords.from_state_dict(state)
+        n = records.num_images
+        sizes = {len(v) for per_k in (records.pred, records.top5, *records.scores.values()) for v in per_k.values()}
+        complete = all(set(per_k) == set(records.heads) for per_k in (records.pred, records.top5,
+                                                                     *records.scores.values()))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ProfileError(f'{source}: "cascade_records" does not load: {e}') from e
+    heads = [row['heads'] for row in profile['rows']]
+    if n == 0 or sizes != {n} or not complete or sorted(records.heads) != sorted(heads):
+        raise ProfileError(f'{source}: "cascade_records" must hold every image at every profiled k {heads} '
+                           f'(records: {records.heads}, {n} images)')
+    return records
 
 
 def _check_row(row, where: str) -> None:

@@ -21,6 +21,13 @@ one k² (the linear layers' MACs grow with the square of the width), only seed t
   so the runner climbs back as soon as a load ends. Learned costs make that prediction right after a load:
   the k held before it kept its measured cost, where k² would overstate it.
 
+``ElasticCascadeRunner(CascadeRunner(...), latency_budget_ms, points)`` serves a confidence cascade
+(``hydravit.deploy.cascade``) the same way. Its levels are operating points, not head counts: cascade specs (a fixed
+k is one) with their calibrated top-1 and latency, cheapest first, each more accurate than every cheaper one
+(``operating_frontier``). A ``CascadeController`` is the ``HeadController`` above over those levels: the same step
+down, step up, hysteresis, back-off and learned costs. Along one ladder, neighbouring levels differ by a threshold,
+which moves a few images between widths: a finer knob than one step of k; between ladders, the widths change.
+
 On CUDA, ``cuda_graph=True`` serves every call by replaying a CUDA graph of its k (``evaluation.cuda_graph``): one
 graph per k of the runner, all captured at construction from ``example_input``, so no served call ever pays a
 warm-up or a capture (a capture at first use would show up as an over-budget call and push the controller down), and
@@ -33,6 +40,7 @@ example's shape, dtype and device (another is refused with a ``ValueError``); on
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -40,9 +48,11 @@ import numpy as np
 import torch
 
 from ..cli import parse_heads
+from ..evaluation.cascade import CascadeSpec
 from ..evaluation.common import Row
 from ..evaluation.cuda_graph import GraphBackend, GraphCache, heads_forward
 from ..evaluation.throughput import time_call
+from .cascade import CascadeOutput, CascadeRunner
 from .pick import accuracy_key
 from .profile import profile_rows
 
@@ -58,6 +68,8 @@ class HeadController:
     ``samples`` such measurements per k); the seed is only scaled for the k it has not run yet. So a k measured
     before a load and a k measured under it are comparable, and after a load the runner returns to the k it held.
     ``accuracy``: top-1 per k; among the k that fit, the most accurate is chosen (without it: the largest).
+    The "head counts" are only ordered levels whose cost grows with the level: ``CascadeController`` passes the
+    indices of its operating points.
     """
 
     def __init__(self, heads: Sequence[int], budget_ms: float, costs: Optional[Dict[int, float]] = None,
@@ -272,11 +284,7 @@ class ElasticRunner:
         k = self.controller.k
         if k != self._k:
             self._set(k)
-        start = self.clock()
-        out, latency_ms = time_call(self._call(k, args, kwargs), self.device, self.clock)
-        self.history.append((start - self.t0, k, latency_ms))
-        self.controller.update(latency_ms, start + latency_ms / 1e3)
-        return out
+        return _timed_call(self, k, self._call(k, args, kwargs), self.device)
 
     def _call(self, k: int, args: tuple, kwargs: dict) -> Callable[[], Any]:
         """The work of one call at k: the forward, or the replay of k's graph (one tensor in)."""
@@ -289,6 +297,119 @@ class ElasticRunner:
     def _set(self, k: int) -> None:
         self.model.set_heads(k)  # O(1) for a HydraViT; with graphs only bookkeeping (each graph has its k)
         self._k = k
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One way to serve a batch and what calibration says of it: ``spec`` (a cascade; a single k is a fixed width),
+    ``top1`` (%, calibrated on images the benchmark does not report on), ``latency_ms`` (median per call at the
+    serving batch without load: the controller's seed cost) and ``latency_ms_p90`` (the start's criterion)."""
+
+    spec: CascadeSpec
+    top1: float
+    latency_ms: float
+    latency_ms_p90: float
+
+    def __post_init__(self) -> None:
+        values = (self.top1, self.latency_ms, self.latency_ms_p90)
+        if not all(math.isfinite(v) for v in values) or self.latency_ms <= 0 or self.latency_ms_p90 <= 0:
+            raise ValueError(f'operating point {self.spec.name}: top1 and latencies must be finite, latencies > 0; '
+                             f'got {values}')
+
+
+def operating_frontier(points: Sequence[OperatingPoint], min_top1: Optional[float] = None) -> List[OperatingPoint]:
+    """The points a load controller moves along: those at or above ``min_top1``, ordered by latency, each strictly
+    more accurate than every cheaper one (a point that costs more for no more accuracy is never worth entering).
+    ``ValueError`` for no points or when none reaches the floor."""
+    if not points:
+        raise ValueError('no operating points given')
+    allowed = [p for p in points if min_top1 is None or p.top1 >= min_top1]
+    if not allowed:
+        best = max(points, key=lambda p: p.top1)
+        raise ValueError(f'min_top1 {min_top1:g}: no operating point reaches it (best: {best.top1:g} % at '
+                         f'{best.spec.name})')
+    frontier: List[OperatingPoint] = []
+    for point in sorted(allowed, key=lambda p: (p.latency_ms, -p.top1)):
+        if not frontier or point.top1 > frontier[-1].top1:
+            frontier.append(point)
+    return frontier
+
+
+class CascadeController(HeadController):
+    """``HeadController`` whose levels are operating points instead of head counts: level i is
+    ``points[i]`` of ``operating_frontier(points, min_top1)`` (cheapest first), so every rule of the head controller
+    -- step down at once to the most accurate point predicted to fit with headroom, step up after a full window
+    with margin, hysteresis, back-off, costs learned on entry -- applies unchanged. Moving one level changes a
+    cascade's thresholds (a finer knob than one step of k) or, between ladders, its widths; fixed k are levels too.
+    The seed costs are the points' ``latency_ms``; the start is the most accurate point whose ``latency_ms_p90`` is
+    within the budget less ``up_margin``, else the cheapest. ``point`` is the current operating point."""
+
+    def __init__(self, points: Sequence[OperatingPoint], budget_ms: float, min_top1: Optional[float] = None,
+                 up_margin: float = 0.05, **kwargs) -> None:
+        self.points = operating_frontier(points, min_top1)
+        rows = [{'heads': i, 'latency_ms_median': p.latency_ms, 'latency_ms_p90': p.latency_ms_p90, 'top1': p.top1}
+                for i, p in enumerate(self.points)]
+        costs, start = _from_profile(rows, budget_ms * (1 - up_margin))
+        super().__init__(range(len(self.points)), budget_ms, costs, start, up_margin=up_margin,
+                         accuracy={i: p.top1 for i, p in enumerate(self.points)}, **kwargs)
+
+    @property
+    def point(self) -> OperatingPoint:
+        return self.points[self.k]
+
+
+class ElasticCascadeRunner:
+    """Callable that serves a ``CascadeRunner`` at the operating point a ``CascadeController`` chooses to keep the
+    recent p90 latency within budget: before each call it sets ``runner.spec`` to the current point's cascade.
+
+    ``points``: the operating points (e.g. every ladder at a grid of thresholds, and the fixed k, evaluated on
+    calibration records); ``min_top1`` drops those under the floor, and when no allowed point fits, the runner serves
+    the cheapest allowed one, over budget, never one below. ``runner.history`` holds ``(seconds since creation,
+    level, latency_ms)`` per call, the level indexing ``runner.points``. Calls take one batch ``(B, C, H, W)`` and
+    return the ``CascadeOutput``; they are timed on the batch's device (``time_call``). Raises ``ValueError`` when a
+    point's ladder uses a k the ``CascadeRunner`` has no stage for.
+    """
+
+    def __init__(self, runner: CascadeRunner, latency_budget_ms: float, points: Sequence[OperatingPoint], *,
+                 min_top1: Optional[float] = None, window: int = 20, quantile: float = 0.9, headroom: float = 0.15,
+                 up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
+                 max_history: Optional[int] = 100_000) -> None:
+        self.controller = CascadeController(points, latency_budget_ms, min_top1, up_margin=up_margin, window=window,
+                                            quantile=quantile, headroom=headroom)
+        missing = sorted({k for p in self.points for k in p.spec.ladder if k not in runner.stages})
+        if missing:
+            raise ValueError(f'the cascade runner has no stage for head count(s) {missing} of the operating points')
+        self.runner = runner
+        self.clock = clock
+        self.history: Deque[Tuple[float, int, float]] = deque(maxlen=max_history)
+        self.t0 = clock()
+
+    @property
+    def points(self) -> List[OperatingPoint]:
+        return self.controller.points
+
+    @property
+    def point(self) -> OperatingPoint:
+        return self.controller.point
+
+    @property
+    def latency_budget_ms(self) -> float:
+        return self.controller.budget_ms
+
+    def __call__(self, images: torch.Tensor) -> CascadeOutput:
+        level = self.controller.k
+        self.runner.spec = self.points[level].spec
+        return _timed_call(self, level, lambda: self.runner(images), images.device)
+
+
+def _timed_call(runner, level: int, work: Callable[[], Any], device: torch.device) -> Any:
+    """Run ``work`` timed (``time_call``), record ``(seconds since t0, level, ms)`` in ``runner.history`` and feed the
+    latency to ``runner.controller``: the one timing path of both runners."""
+    start = runner.clock()
+    out, latency_ms = time_call(work, device, runner.clock)
+    runner.history.append((start - runner.t0, level, latency_ms))
+    runner.controller.update(latency_ms, start + latency_ms / 1e3)
+    return out
 
 
 def _nearest_rank(ranked: Sequence[float], quantile: float) -> float:

@@ -1,4 +1,4 @@
-"""serve-bench: goodput of three serving policies on real labelled images under a background CPU load that comes
+"""serve-bench: goodput of five serving policies on real labelled images under a background CPU load that comes
 and goes.
 
     python -m hydravit.deploy serve-bench DATA --checkpoint C [--use-ema] -b 16 --budget-ms 20 [--min-top1 A] \\
@@ -6,13 +6,19 @@ and goes.
         [-o output/serve-bench] [--amp | --model-dtype bfloat16] [--cuda-graph]
 
 DATA's validation images are replayed in batches of B, with their labels, back to back for ``--duration`` seconds
-while ``--load-procs`` busy-looping processes run during the schedule's ``on`` segments. Three policies serve the
+while ``--load-procs`` busy-looping processes run during the schedule's ``on`` segments. Five policies serve the
 same schedule:
 
 * ``pick``: the fixed k that ``python -m hydravit.deploy pick`` chooses on this device without load: the most
   accurate k whose p90 latency at batch B is within the budget (and whose top-1 meets ``--min-top1``);
 * ``largest``: the fixed largest k served;
-* ``elastic``: the ``ElasticRunner`` over the served k, with the ``--min-top1`` floor.
+* ``elastic``: the ``ElasticRunner`` over the served k, with the ``--min-top1`` floor;
+* ``pick-cascade``: the operating point (a cascade over the served k, or a fixed k) pick's rule chooses without load;
+* ``elastic-cascade``: the ``ElasticCascadeRunner`` over every operating point, with the floor.
+
+With more than one served k, DATA is split (seeded) into two disjoint random halves: every calibrated figure (top-1,
+pick's choices, the floor, the cascades' thresholds and latencies) comes from the first, every served call from the
+second. With one k nothing is fitted and the same images are calibrated and served.
 
 The served k are those the checkpoint was trained on (or ``--heads``). Before the runs every k is calibrated on
 this device without load: latency at batch B (the runner's profile and pick's input) and top-1 on DATA. Per policy
@@ -24,6 +30,7 @@ and reports mean +- std over the repeats. ``OUTPUT/serve_bench.json`` keeps the 
 call of every run and the summaries; ``OUTPUT/serve_bench.png`` plots the first repeat.
 """
 import argparse
+import itertools
 import os
 import sys
 from collections import Counter
@@ -37,12 +44,14 @@ from torch.utils.data import DataLoader, Subset
 from ..checkpoint import write_json
 from ..evaluation import throughput
 from ..evaluation.accuracy import evaluate_heads
+from ..evaluation.cascade import CascadeSpec, collect_records, evaluate_cascade, exit_stages
 from ..evaluation.common import (
     EvalSession,
     Row,
     UsageError,
     add_amp_args,
     autocast,
+    check_output_folder,
     create_eval_dataset,
     create_eval_loader,
     create_parser,
@@ -53,14 +62,18 @@ from ..evaluation.common import (
 )
 from ..evaluation.cuda_graph import GraphCache, heads_forward
 from ..evaluation.environment import device_info
+from .cascade import CascadeOutput, CascadeRunner, bucket_size
 from .load import CpuLoad, Segment, load_on, load_windows, parse_schedule, total_seconds
 from .pick import NoFit, choose
-from .runtime import ElasticRunner
+from .runtime import ElasticCascadeRunner, ElasticRunner, OperatingPoint, operating_frontier
 
 DEFAULT_SCHEDULE = ('off:10', 'on:15', 'off:10')
-POLICIES = ('pick', 'largest', 'elastic')
-# One call: seconds since the run started, k, latency (ms), correct answers, images in the batch.
-Call = Tuple[float, int, float, int, int]
+POLICIES = ('pick', 'largest', 'elastic', 'pick-cascade', 'elastic-cascade')
+CASCADE_DRAWS = 200  # random batches of the fit images a cascade's latency is estimated on
+EXIT_SHARES = tuple(i / 10 for i in range(1, 10))  # a ladder's thresholds: where these shares exit at its first k
+# One call: seconds since the run started, k (a cascade policy: the operating point's index), latency (ms), correct
+# answers, images in the batch; a cascade policy's calls add the mean k that answered the batch's images.
+Call = Tuple[float, ...]
 Batch = Tuple[torch.Tensor, torch.Tensor]
 SUMMARY_KEYS = ('policy', 'k', 'calls', 'images', 'within_budget', 'within_budget_load', 'within_budget_no_load',
                 'top1', 'top1_load', 'goodput', 'goodput_load', 'goodput_no_load', 'mean_k', 'mean_k_load',
@@ -102,11 +115,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         schedule = _check_args(args)
         session = create_session(args, trained_only=True)
-        batches = replay_batches(session)
+        batches, fit = replay_batches(session)
     except UsageError as e:
         parser.error(str(e))
     try:
-        result = run_benchmark(session, batches, schedule)
+        result = run_benchmark(session, batches, schedule, fit)
     except NoFit as e:
         parser.error(f'--budget-ms / --min-top1: {e} (calibrated at batch {args.batch_size} without load)')
     except KeyboardInterrupt:
@@ -127,6 +140,7 @@ def _check_args(args: argparse.Namespace) -> List[Segment]:
     throughput.check_serving_args(args)
     if args.budget_ms <= 0:
         raise UsageError(f'--budget-ms must be > 0, got {args.budget_ms:g}')
+    check_output_folder(args.output, '-o/--output')
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
         raise UsageError(f'--min-top1 is a top-1 in %, 0..100, got {args.min_top1:g}')
     if args.max_images < 1:
@@ -157,61 +171,100 @@ def _cpu_cores() -> set:
     return os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
 
 
-def replay_batches(session: EvalSession) -> List[Batch]:
-    """A seeded random sample of DATA (``--max-images``, all of it when smaller) in a seeded random order, in
-    batches of ``-b`` with their labels, on the device and in the model's dtype: loaded once, so no call waits on
-    decoding, and every policy sees the same images in the same order (an image folder is read class by class,
-    and a policy that makes fewer calls would otherwise see fewer classes). The sample is cut to whole batches:
-    every call has the same shape, as a CUDA graph needs. ``UsageError`` when DATA has less than one batch."""
+def replay_batches(session: EvalSession) -> Tuple[List[Batch], List[Batch]]:
+    """``(served, fit)``: batches of ``-b`` with their labels, on the device and in the model's dtype, loaded once
+    (no call waits on decoding; every policy sees the same images in the same order, whereas an image folder is
+    read class by class).
+
+    With more than one served k there is something to fit (the cascades' thresholds, pick's k, the floor), so DATA
+    is split, seeded, into two disjoint random halves: every calibrated figure comes from the first (``fit``),
+    every served call from the second. With one k nothing is fitted and every image is served (``fit`` is
+    ``served``). Each part is a seeded random sample of at most ``--max-images``; the served part is cut to whole
+    batches (every call has the same shape, as a CUDA graph needs). ``UsageError`` when it has less than one
+    batch."""
     args = session.args
     dataset = create_eval_dataset(session)
     loader = create_eval_loader(session, dataset)  # gives the dataset the model's preprocessing
-    count = min(len(dataset), args.max_images) // args.batch_size * args.batch_size
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    split = len(session.heads) > 1
+    fit_part, served_part = (order[:len(order) // 2], order[len(order) // 2:]) if split else ([], order)
+    count = min(len(served_part), args.max_images) // args.batch_size * args.batch_size
     if count == 0:
-        raise UsageError(f'-b/--batch-size {args.batch_size}: DATA has only {len(dataset)} images')
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
-    sample = DataLoader(Subset(loader.dataset, order), batch_size=args.batch_size, num_workers=args.workers)
-    batches = [(session.prepare_input(images), target.to(session.device)) for images, target in sample]
-    print(f'Replaying {count} of the {len(dataset)} images of {args.data} (seed {args.seed}) in {len(batches)} '
-          f'batches of {args.batch_size}', flush=True)
-    return batches
+        served_note = f', {len(served_part)} of them served (the other half calibrates)' if split else ''
+        raise UsageError(f'-b/--batch-size {args.batch_size}: DATA has only {len(dataset)} images{served_note}')
+    served = _load(session, loader.dataset, served_part[:count])
+    fit = _load(session, loader.dataset, fit_part[:args.max_images]) if split else served
+    fit_note = (f'; calibrating on {sum(t.shape[0] for _, t in fit)} other images (a disjoint half)' if split
+                else '; calibrating on the same images (one k: nothing is fitted)')
+    print(f'Replaying {count} of the {len(dataset)} images of {args.data} (seed {args.seed}) in {len(served)} '
+          f'batches of {args.batch_size}{fit_note}', flush=True)
+    return served, fit
+
+
+def _load(session: EvalSession, dataset, indices: Sequence[int]) -> List[Batch]:
+    sample = DataLoader(Subset(dataset, list(indices)), batch_size=session.args.batch_size,
+                        num_workers=session.args.workers)
+    return [(session.prepare_input(images), target.to(session.device)) for images, target in sample]
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------
-def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequence[Segment]) -> dict:
-    """Calibrate, choose the fixed policies' k, then ``--repeats`` rounds of the three policies; returns everything
-    the report and the plot need. Raises ``NoFit`` when no k fits the budget (and floor) without load."""
+def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequence[Segment],
+                  fit: Optional[Sequence[Batch]] = None) -> dict:
+    """Calibrate on ``fit`` (default: the served ``batches``), choose the fixed policies' k and cascade, then
+    ``--repeats`` rounds of the five policies; returns everything the report and the plot need. Raises ``NoFit``
+    when no k fits the budget (and floor) without load."""
     args = session.args
+    fit = batches if fit is None else fit
     forward = _forward(session)
-    calibration = calibrate(session, batches, forward)
+    calibration = calibrate(session, batches, forward, fit)
     _warn_about_budget(calibration, args.budget_ms)
     policies = policy_heads(calibration, args.budget_ms, args.min_top1)
-    print('Policies: ' + '; '.join(f'{name} k={" ".join(map(str, heads))}' for name, heads in policies.items()),
-          flush=True)
+    points = cascade_points(session, fit, forward, calibration, batches[0][0].shape[0])
+    chosen = pick_cascade(points, args.budget_ms, args.min_top1)
+    cascades = {'pick-cascade': [chosen],
+                'elastic-cascade': operating_frontier(points, args.min_top1)}  # NoFit above covers the floor
+    policies.update({name: [p.spec.name for p in served] for name, served in cascades.items()})
+    print('Policies: ' + '; '.join(f'{name} k={" ".join(map(str, policies[name]))}' for name in POLICIES[:3])
+          + f'; pick-cascade {chosen.spec.name}; elastic-cascade {len(cascades["elastic-cascade"])} operating '
+          'points', flush=True)
+    stages = cascade_stages(session, forward, batches[0][0])
     repeats = []
     for r in range(args.repeats):
         order = POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]
         runs = {}
         for name in order:
+            label = f'{name} {r + 1}/{args.repeats}'
+            if name in cascades:
+                runner = ElasticCascadeRunner(CascadeRunner(stages, cascades[name][0].spec,
+                                                            _buckets(args, args.batch_size)),
+                                              args.budget_ms, cascades[name], max_history=None)
+                runs[name] = {'heads': list(range(len(runner.points))), 'start_k': runner.controller.k,
+                              'calls': _stream(runner, batches, args, schedule, label)}
+                continue
             runner = ElasticRunner(session.model, args.budget_ms, heads=policies[name], profile=calibration,
                                    min_top1=args.min_top1 if name == 'elastic' else None, max_history=None,
                                    forward=forward, cuda_graph=args.cuda_graph, example_input=batches[0][0])
             runs[name] = {'heads': runner.heads, 'start_k': runner.active_heads,
-                          'calls': _stream(runner, batches, args, schedule, f'{name} {r + 1}/{args.repeats}')}
+                          'calls': _stream(runner, batches, args, schedule, label)}
         repeats.append({'order': list(order), 'runs': runs})
     overhead = {name: runner_overhead_us(heads, args.budget_ms, calibration, batches[0][0])
-                for name, heads in policies.items()}
+                for name, heads in policies.items() if name not in cascades}
+    overhead.update({name: cascade_overhead_us(served, args.budget_ms, batches[0][0])
+                     for name, served in cascades.items()})
     for rep in repeats:
         rep['summary'] = [summarize(name, rep['runs'][name]['calls'], args.budget_ms, schedule, args.duration,
-                                    rep['runs'][name]['heads'], overhead[name]) for name in POLICIES]
+                                    rep['runs'][name]['heads'], overhead[name], cascade=name in cascades)
+                          for name in POLICIES]
     return {
         'device': device_info(args, session.device),
         'settings': {'model': args.model, 'checkpoint': args.checkpoint or None, 'data': str(args.data),
                      'batch_size': args.batch_size, 'batches': len(batches), 'budget_ms': args.budget_ms,
                      'min_top1': args.min_top1, 'duration_s': args.duration, 'repeats': args.repeats,
                      'load_schedule': args.load_schedule, 'load_procs': args.load_procs, 'heads': session.heads,
-                     'model_dtype': str(session.model_dtype).replace('torch.', ''), 'cuda_graph': args.cuda_graph},
+                     'model_dtype': str(session.model_dtype).replace('torch.', ''), 'cuda_graph': args.cuda_graph,
+                     'fit_images': sum(t.shape[0] for _, t in fit), 'fit_disjoint': fit is not batches},
         'calibration': calibration,
+        'operating_points': [_point_row(p) for p in points],
         'policies': policies,
         'summary': aggregate([rep['summary'] for rep in repeats]),
         'repeats': repeats,
@@ -225,15 +278,16 @@ def _forward(session: EvalSession) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def calibrate(session: EvalSession, batches: Sequence[Batch], forward) -> List[Row]:
+def calibrate(session: EvalSession, batches: Sequence[Batch], forward, fit: Optional[Sequence[Batch]] = None
+              ) -> List[Row]:
     """Per served k, without load: latency (median, p90) at the stream's batch, the runner's profile, with
     ``--cuda-graph`` of graph replays (each k's graph captured before it is timed and freed after); and top-1 (%)
-    on the replayed images (the evaluation core's one-pass validator)."""
+    on the ``fit`` images (default: the replayed ones; the evaluation core's one-pass validator)."""
     args, model = session.args, session.model
     batch = batches[0][0]
     print(f'Calibrating {args.model} at batch {batch.shape[0]} on {session.device}: heads {session.heads}'
           f'{" (CUDA graphs)" if args.cuda_graph else ""}', flush=True)
-    accuracy = evaluate_heads(model, batches, session.heads, session.device,
+    accuracy = evaluate_heads(model, batches if fit is None else fit, session.heads, session.device,
                               amp_autocast=lambda: autocast(args, session.device), prepare_input=lambda x: x)
     rows = []
     with torch.inference_mode():
@@ -256,6 +310,120 @@ def _calibration_call(session: EvalSession, k: int, batch: torch.Tensor, forward
     return lambda: graphs(k, batch)
 
 
+def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibration: Sequence[Row],
+                   batch_size: int) -> List[OperatingPoint]:
+    """The operating points of the cascade policies, all calibrated on the ``fit`` images without load: every
+    served k as a fixed width (its calibrated top-1 and latency), and every 2-stage ladder k1 < k2 of the served k
+    under the entropy rule at the thresholds where 10 %, 20 %, ..., 90 % of the fit images exit at k1 (9 per
+    ladder: few, since a selection over many overfits small sets). A cascade's top-1 is evaluated exactly from the
+    per-image records (``evaluate_cascade``); its latency is the per-k latency at each stage's sub-batch size
+    (``sub_batch_latency``) summed over the stages, on ``CASCADE_DRAWS`` seeded random batches of the fit images:
+    the median of the medians' sums and the p90 of the p90s' sums."""
+    by_k = {row['heads']: row for row in calibration}
+    points = [OperatingPoint(CascadeSpec((k,)), row['top1'], row['latency_ms_median'], row['latency_ms_p90'])
+              for k, row in by_k.items()]
+    if len(by_k) < 2:
+        return points
+    args = session.args
+    records = collect_records(session.model, fit, session.heads, session.device,
+                              amp_autocast=lambda: autocast(args, session.device), prepare_input=lambda x: x)
+    example = next(images for images, _ in fit)
+    table = sub_batch_latency(session, forward, calibration, example, batch_size)
+    draws = torch.randint(records.num_images, (CASCADE_DRAWS, batch_size),
+                          generator=torch.Generator().manual_seed(args.seed))
+    for ladder in itertools.combinations(session.heads, 2):
+        entropy = records.scores['entropy'][ladder[0]]
+        for threshold in sorted({float(torch.quantile(entropy, share)) for share in EXIT_SHARES}):
+            spec = CascadeSpec(ladder, 'entropy', (threshold,))
+            top1 = evaluate_cascade(records, spec, {k: 0. for k in ladder}).top1
+            median, p90 = cascade_latency(exit_stages(records, spec)[draws], ladder, table, _buckets(args, batch_size))
+            points.append(OperatingPoint(spec, top1, median, p90))
+    return points
+
+
+def sub_batch_latency(session: EvalSession, forward, calibration: Sequence[Row], example: torch.Tensor,
+                      batch_size: int) -> Dict[int, np.ndarray]:
+    """Per served k: an array ``(sizes, median ms, p90 ms)`` at the sub-batch sizes a cascade's later stages see
+    (the powers of two below the batch, and the batch itself, whose figures are the calibration's), measured like
+    ``calibrate`` for half of ``--calibration-time`` each."""
+    sizes = bucket_sizes(batch_size)
+    example = example[:1].expand(batch_size, *example.shape[1:]).contiguous()  # the fit part may be smaller
+    table = {}
+    with torch.inference_mode():
+        for row in calibration:
+            k = row['heads']
+            session.model.set_heads(k)
+            measured = [throughput.benchmark_latency(_calibration_call(session, k, example[:n], forward),
+                                                     session.device, warmup=3,
+                                                     budget_s=session.args.calibration_time / 2)
+                        for n in sizes[:-1]] + [row]
+            table[k] = np.array([sizes, [m['latency_ms_median'] for m in measured],
+                                 [m['latency_ms_p90'] for m in measured]], dtype=float)
+    return table
+
+
+def cascade_latency(stages: torch.Tensor, ladder: Sequence[int], table: Dict[int, np.ndarray],
+                    buckets: Optional[Sequence[int]] = None) -> Tuple[float, float]:
+    """(median, p90) ms of a cascade's calls on batches whose images exit at ``stages`` ``(draws, B)``: per batch the
+    latency of each stage that runs (stage s runs the images with stage index >= s, padded up to ``buckets`` when
+    given) from ``table``, interpolated between measured sizes, summed."""
+    medians, p90s = np.zeros(stages.shape[0]), np.zeros(stages.shape[0])
+    for s, k in enumerate(ladder):
+        n = (stages >= s).sum(1).numpy()
+        size = np.array([bucket_size(int(m), buckets) if m else 0 for m in n], dtype=float)
+        sizes, median, p90 = table[k]
+        medians += np.where(n > 0, np.interp(size, sizes, median), 0.)
+        p90s += np.where(n > 0, np.interp(size, sizes, p90), 0.)
+    return float(np.median(medians)), float(np.percentile(p90s, 90))
+
+
+def bucket_sizes(batch_size: int) -> List[int]:
+    """The powers of two below ``batch_size``, and ``batch_size``."""
+    return [2 ** i for i in range(batch_size.bit_length()) if 2 ** i < batch_size] + [batch_size]
+
+
+def _buckets(args: argparse.Namespace, batch_size: int) -> Optional[List[int]]:
+    """Sub-batch sizes a cascade's stages are padded to: with ``--cuda-graph`` one graph per k and bucket (a graph
+    has a fixed shape); eager calls take any size."""
+    return bucket_sizes(batch_size) if args.cuda_graph else None
+
+
+def cascade_stages(session: EvalSession, forward, example: torch.Tensor) -> Dict[int, Callable]:
+    """One stage callable per served k for a ``CascadeRunner``: ``set_heads(k)`` then ``forward``, or with
+    ``--cuda-graph`` the replay of the graph of (k, bucket), all captured here from ``example``'s first rows."""
+    model = session.model
+
+    def eager(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(images: torch.Tensor) -> torch.Tensor:
+            model.set_heads(k)
+            return forward(images)
+        return run
+    if not session.args.cuda_graph:
+        return {k: eager(k) for k in session.heads}
+    at_heads = heads_forward(model, forward)
+    graphs = GraphCache(lambda key, x: at_heads(key[0], x), session.device)
+    for k in session.heads:
+        for n in bucket_sizes(example.shape[0]):
+            graphs.capture((k, n), example[:n])
+    return {k: (lambda images, k=k: graphs((k, images.shape[0]), images)) for k in session.heads}
+
+
+def pick_cascade(points: Sequence[OperatingPoint], budget_ms: float, min_top1: Optional[float]) -> OperatingPoint:
+    """What ``pick`` would choose among the operating points for the budget without load: the most accurate one
+    whose calibrated p90 is within ``budget_ms`` (and top-1 at or above the floor), the cheaper on ties
+    (``pick.choose``); ``NoFit`` when none."""
+    ranked = sorted(points, key=lambda p: (p.latency_ms, p.latency_ms_p90))
+    rows = [{'heads': i, 'top1': p.top1, 'latency_ms_p90': p.latency_ms_p90} for i, p in enumerate(ranked)]
+    bounds = {'max_latency_ms': budget_ms, **({'min_top1': min_top1} if min_top1 is not None else {})}
+    return ranked[choose(rows, bounds)['heads']]
+
+
+def _point_row(point: OperatingPoint) -> Row:
+    return round_row({'cascade': point.spec.name, 'ladder': list(point.spec.ladder), 'rule': point.spec.rule,
+                      'thresholds': list(point.spec.thresholds), 'top1': point.top1,
+                      'latency_ms_median': point.latency_ms, 'latency_ms_p90': point.latency_ms_p90})
+
+
 def _warn_about_budget(calibration: Sequence[Row], budget_ms: float) -> None:
     low, high = calibration[0]['latency_ms_p90'], calibration[-1]['latency_ms_p90']
     if not low < budget_ms < high:
@@ -272,11 +440,13 @@ def policy_heads(calibration: Sequence[Row], budget_ms: float, min_top1: Optiona
     return {'pick': [chosen], 'largest': [max(allowed)], 'elastic': [row['heads'] for row in calibration]}
 
 
-def _stream(runner: ElasticRunner, batches: Sequence[Batch], args: argparse.Namespace,
-            schedule: Sequence[Segment], label: str) -> List[Call]:
-    """Back-to-back calls over the replayed batches for ``args.duration`` seconds while the load follows
-    ``schedule``; returns every call."""
-    print(f'[{label}] {args.duration:g} s, heads {runner.heads}, budget {args.budget_ms:g} ms, load '
+def _stream(runner, batches: Sequence[Batch], args: argparse.Namespace, schedule: Sequence[Segment],
+            label: str) -> List[Call]:
+    """Back-to-back calls of ``runner`` (an ``ElasticRunner`` or ``ElasticCascadeRunner``) over the replayed batches
+    for ``args.duration`` seconds while the load follows ``schedule``; returns every call."""
+    served = (f'heads {runner.heads}' if isinstance(runner, ElasticRunner)
+              else f'{len(runner.points)} operating point(s) from {runner.points[0].spec.name}')
+    print(f'[{label}] {args.duration:g} s, {served}, budget {args.budget_ms:g} ms, load '
           f'{" ".join(args.load_schedule)} with {args.load_procs} processes', flush=True)
     calls: List[Call] = []
     next_log, logged = args.log_every, 0
@@ -284,18 +454,32 @@ def _stream(runner: ElasticRunner, batches: Sequence[Batch], args: argparse.Name
         while (t := runner.clock() - runner.t0) < args.duration:
             load.update(t)
             images, target = batches[len(calls) % len(batches)]
-            logits = runner(images)
-            t_call, k, ms = runner.history[-1]
-            calls.append((t_call, k, ms, int((logits.argmax(-1) == target).sum()), target.shape[0]))
+            calls.append(_record(runner, runner(images), target))
             if t >= next_log:
                 recent = summarize_calls(calls[logged:], args.budget_ms)
                 logged = len(calls)
                 print(f'[{label}] {t:5.1f}/{args.duration:g} s  load {"on " if load.running else "off"}  '
-                      f'k={runner.active_heads:<3d} calls {len(calls):6d}  last {args.log_every:g} s: within '
+                      f'{_serving(runner)} calls {len(calls):6d}  last {args.log_every:g} s: within '
                       f'budget {recent["within_budget"]:5.1f} %  top-1 {recent["top1"]:5.1f} %  goodput '
                       f'{recent["goodput"]:5.1f} %', flush=True)
                 next_log += args.log_every
     return calls
+
+
+def _record(runner, out, target: torch.Tensor) -> Call:
+    """The call just made: its history entry, correct answers, images; a cascade's adds its mean answering k."""
+    t_call, level, ms = runner.history[-1]
+    if not isinstance(out, CascadeOutput):
+        return (t_call, level, ms, int((out.argmax(-1) == target).sum()), target.shape[0])
+    ladder = torch.tensor(runner.points[level].spec.ladder, dtype=torch.float32, device=out.stage.device)
+    return (t_call, level, ms, int((out.logits.argmax(-1) == target).sum()), target.shape[0],
+            float(ladder[out.stage].mean()))
+
+
+def _serving(runner) -> str:
+    if isinstance(runner, ElasticRunner):
+        return f'k={runner.active_heads:<3d}'
+    return f'point {runner.controller.k} ({runner.point.spec.name})'
 
 
 class _NoOpModel:
@@ -319,22 +503,34 @@ def runner_overhead_us(heads: Sequence[int], budget_ms: float, calibration: Sequ
     return stats['latency_ms_median'] * 1e3
 
 
+def cascade_overhead_us(points: Sequence[OperatingPoint], budget_ms: float, x: torch.Tensor,
+                        calls: int = 5000) -> float:
+    """Median microseconds of one ``ElasticCascadeRunner`` call around stages that do nothing but return fixed
+    logits (bookkeeping, timing, the exit rule and the sub-batch gathering)."""
+    logits = torch.zeros(x.shape[0], 2, device=x.device)
+    stages = {k: (lambda images: logits[:images.shape[0]]) for p in points for k in p.spec.ladder}
+    runner = ElasticCascadeRunner(CascadeRunner(stages, points[0].spec), budget_ms, points)
+    stats = throughput.benchmark_latency(lambda: runner(x), torch.device('cpu'), warmup=200, iters=calls)
+    return stats['latency_ms_median'] * 1e3
+
+
 # --- the report ------------------------------------------------------------------------------------------
 def summarize_calls(calls: Sequence[Call], budget_ms: float) -> Row:
     """Shares (%) of a set of calls: within budget (of calls), top-1 and goodput (of the images they answered)."""
     if not calls:
         return {'within_budget': None, 'top1': None, 'goodput': None}
-    ms, correct, images = (np.array(col, dtype=float) for col in list(zip(*calls, strict=True))[2:])
+    ms, correct, images = (np.array([call[i] for call in calls], dtype=float) for i in (2, 3, 4))
     within = ms <= budget_ms
     return {'within_budget': 100. * within.mean(), 'top1': 100. * correct.sum() / images.sum(),
             'goodput': 100. * correct[within].sum() / images.sum()}
 
 
 def summarize(name: str, calls: Sequence[Call], budget_ms: float, schedule: Sequence[Segment], duration: float,
-              heads: Sequence[int], runner_us: Optional[float] = None) -> Row:
-    """One policy's run: shares overall, with the load on and off; mean k; p90; recovery (the runner only)."""
+              heads: Sequence[int], runner_us: Optional[float] = None, cascade: bool = False) -> Row:
+    """One policy's run: shares overall, with the load on and off; mean k; p90; recovery (the runners only).
+    ``cascade``: ``heads`` are operating-point indices, ``k`` is None and the mean k is that of the answers."""
     on = np.array([load_on(schedule, call[0]) for call in calls], dtype=bool)
-    ks = np.array([call[1] for call in calls], dtype=float)
+    ks = np.array([call[5] if cascade else call[1] for call in calls], dtype=float)
     parts = {'': summarize_calls(calls, budget_ms),
              '_load': summarize_calls([c for c, o in zip(calls, on, strict=True) if o], budget_ms),
              '_no_load': summarize_calls([c for c, o in zip(calls, on, strict=True) if not o], budget_ms)}
@@ -344,7 +540,7 @@ def summarize(name: str, calls: Sequence[Call], budget_ms: float, schedule: Sequ
                 if end < duration] if len(heads) > 1 else []
     return round_row({
         'policy': name,
-        'k': heads[0] if len(heads) == 1 else None,
+        'k': heads[0] if len(heads) == 1 and not cascade else None,
         'calls': len(calls),
         'images': int(sum(call[4] for call in calls)),
         **{f'within_budget{suffix}': part['within_budget'] for suffix, part in parts.items()},
@@ -437,6 +633,15 @@ def targets(result: dict) -> List[str]:
         target = 'above pick' if key == 'goodput_load' else 'within 1 p.p. of pick'
         lines.append(f'goodput {what}: elastic {elastic[key]:.1f} % vs pick (k={fixed["k"]:.0f}) {fixed[key]:.1f} % '
                      f'({diff:+.1f} p.p.; target {target}: {"met" if holds(diff) else "MISSED"})')
+    cascade = by['elastic-cascade']
+    for key, what, target, holds in (('goodput_load', 'under load', 'above', lambda d: d > 0),
+                                     ('goodput_no_load', 'without load', 'not below', lambda d: d >= 0)):
+        if cascade[key] is None or elastic[key] is None:
+            continue
+        diff = cascade[key] - elastic[key]
+        lines.append(f'goodput {what}: elastic-cascade {cascade[key]:.1f} % vs elastic {elastic[key]:.1f} % '
+                     f'({diff:+.1f} p.p.; target {target} elastic: {"met" if holds(diff) else "MISSED"})')
+    lines.append(f'pick-cascade serves {result["policies"]["pick-cascade"][0]}')
     outside = sum(row['outside_heads'] for row in result['summary'])
     lines.append(f'calls at a k outside the served set: {outside:.0f} '
                  f'(target 0: {"met" if outside == 0 else "MISSED"})')
@@ -462,12 +667,16 @@ def plot_serve_bench(result: dict, path, dpi: int = 80) -> Path:
     fig = Figure(figsize=(11, 8), dpi=dpi, layout='constrained')
     FigureCanvasAgg(fig)
     latency, heads, accuracy = fig.subplots(3, 1, sharex=True)
-    colors = {'pick': 'tab:orange', 'largest': 'tab:red', 'elastic': 'tab:blue'}
+    colors = {'pick': 'tab:orange', 'largest': 'tab:red', 'elastic': 'tab:blue', 'pick-cascade': 'tab:olive',
+              'elastic-cascade': 'tab:green'}
     for name, run in result['repeats'][0]['runs'].items():
-        style = dict(color=colors[name], label=name + (f' k={run["heads"][0]}' if len(run['heads']) == 1 else ''))
+        fixed = result['policies'][name][0] if name == 'pick-cascade' else f'k={run["heads"][0]}'
+        style = dict(color=colors[name], label=name + (f' {fixed}' if len(run['heads']) == 1 else ''))
         t, acc, good = rolling(run['calls'], budget)
         latency.plot(t, [call[2] for call in run['calls']], '.', markersize=1.5, alpha=.4, **style)
-        heads.step(t, [call[1] for call in run['calls']], where='post', linewidth=1.2, **style)
+        # a cascade's calls: the mean k that answered the batch's images
+        heads.step(t, [call[5] if len(call) > 5 else call[1] for call in run['calls']], where='post',
+                   linewidth=1.2, **style)
         accuracy.plot(t, good, linewidth=1.2, **style)
         accuracy.plot(t, acc, linewidth=.8, linestyle=':', color=colors[name])
     for ax in (latency, heads, accuracy):
@@ -478,7 +687,7 @@ def plot_serve_bench(result: dict, path, dpi: int = 80) -> Path:
     latency.set_yscale('log')  # a fixed k under load runs many times over the budget
     latency.set_ylabel('latency per call (ms, log)')
     latency.legend(loc='upper right', fontsize='small', markerscale=8)
-    heads.set_ylabel('k (heads)')
+    heads.set_ylabel('k (heads; cascades: mean\nk of the answers)')
     accuracy.set_ylabel(f'goodput (solid), top-1 (dotted)\n%, last {ROLLING_S:g} s')
     accuracy.set_xlabel(f'seconds (grey: {settings["load_procs"]} busy-looping processes)')
     by = {row['policy']: row for row in result['summary']}

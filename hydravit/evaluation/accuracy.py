@@ -2,24 +2,33 @@
 
 Each batch is decoded once and run through all head counts, so evaluating k = 3, 6, 12 costs one
 data pass, not three.
+
+With ``--cascade K1 K2 [K3]`` and ``--exit-entropy T [T ...]`` (or ``--exit-max-prob``) the same pass records every
+image's prediction and confidence at each k (``cascade.collect_records``), and each threshold's cascade is evaluated
+from them exactly (``cascade.sweep``): ThinkingViT's summary columns per threshold, then the fixed-k rows.
 """
 import argparse
 import contextlib
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ContextManager, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .cascade import collect_records, fixed_results, format_summary, summary_keys, summary_row, sweep
 from .common import (
     EvalSession,
     Row,
     Tool,
+    UsageError,
     add_amp_args,
     add_precision_args,
     autocast,
+    check_output_file,
     create_eval_dataset,
     create_eval_loader,
     run_tool,
@@ -156,11 +165,16 @@ def compiled(session: EvalSession, heads: Iterable[int]) -> torch.nn.Module:
     backend = getattr(session.args, 'torchcompile', None)
     if not backend:
         return session.model
-    config = torch._dynamo.config
-    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
-    setattr(config, name, max(getattr(config, name), 2 * len(list(heads))))
+    raise_recompile_limit(2 * len(list(heads)))
     torch._dynamo.reset()
     return torch.compile(session.model, backend=backend, mode=session.args.torchcompile_mode)
+
+
+def raise_recompile_limit(graphs: int) -> None:
+    """Let dynamo keep at least ``graphs`` graphs of one function (past its limit it silently runs eagerly)."""
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), graphs))
 
 
 def _log_progress(step: int, num_batches: int, start: float, tallies: Dict[int, _Tally]) -> None:
@@ -175,8 +189,117 @@ def _log_progress(step: int, num_batches: int, start: float, tallies: Dict[int, 
 def measure(session: EvalSession) -> List[Row]:
     dataset = create_eval_dataset(session)
     loader = create_eval_loader(session, dataset)
+    if session.args.cascade:
+        return measure_cascade(session, loader)
     print(f'Validating {session.args.model} on {len(dataset)} images, heads {session.heads}', flush=True)
     return evaluate_accuracy(session, loader, session.heads, session.args.log_freq)
+
+
+# --- --cascade -------------------------------------------------------------------------------------------------
+CASCADE_FLAG = '--cascade/--thinking-stages'
+RULE_FLAGS = {'entropy': '--exit-entropy/--threshold', 'max_prob': '--exit-max-prob'}
+
+
+def measure_cascade(session: EvalSession, loader) -> List[Row]:
+    """``--cascade``: one pass recording every k of the ladder and of ``--heads``; per threshold the cascade's
+    summary row, then one row per fixed k; GMACs per image of each k from DeepSpeed (``macs.profile_heads``)."""
+    args = session.args
+    ladder = _trained_ladder(session)
+    heads = sorted(set(ladder) | set(session.heads))
+    rule, thresholds = cascade_rule(args)
+    gmacs = head_gmacs(session.model, heads, session.input_size)
+    print(f'Cascade {"->".join(map(str, ladder))} ({rule}) on {args.model}: recording heads {heads}', flush=True)
+    records = collect_records(compiled(session, heads), loader, heads, session.device,
+                              amp_autocast=lambda: autocast(args, session.device), prepare_input=session.prepare_input)
+    cascades, fixed = sweep(records, ladder, rule, thresholds, gmacs), fixed_results(records, heads, gmacs)
+    rows = [summary_row(result, len(ladder)) for result in (*cascades, *fixed)]
+    print(format_summary(rows, len(ladder)), flush=True)
+    if args.plot:
+        from .plot import plot_cascade
+        plot_cascade(rows, args.plot, title=f'{args.model}: cascade {"->".join(map(str, ladder))} ({rule})')
+        print(f'plot: {args.plot}', flush=True)
+    return rows
+
+
+def head_gmacs(model: torch.nn.Module, heads: Iterable[int], input_size) -> Dict[int, float]:
+    """Forward GMACs per image of each k (DeepSpeed, ``macs.profile_heads``); the active head count is restored."""
+    from .macs import profile_heads
+    previous = model.active_heads
+    gmacs = {k: profile_heads(model, k, tuple(input_size))['gmacs'] for k in heads}
+    model.set_heads(previous)
+    return gmacs
+
+
+def cascade_rule(args: argparse.Namespace):
+    """``(rule, thresholds)`` of the flags: ``entropy`` with ``--exit-entropy``, ``max_prob`` with
+    ``--exit-max-prob``."""
+    if args.exit_max_prob is not None:
+        return 'max_prob', list(args.exit_max_prob)
+    return 'entropy', list(args.exit_entropy)
+
+
+def _trained_ladder(session: EvalSession) -> List[int]:
+    """The ladder, each k trained (when the checkpoint records its head set) and runnable by the model."""
+    model, ladder = session.model, list(session.args.cascade)
+    trained = model.trained_heads
+    untrained = [k for k in ladder if trained is not None and k not in trained]
+    if untrained:
+        raise UsageError(f'{CASCADE_FLAG}: k={" ".join(map(str, untrained))} not among the head counts '
+                         f'{session.args.checkpoint} was trained on ({" ".join(map(str, trained))})')
+    previous = model.active_heads
+    try:
+        for k in ladder:
+            model.set_heads(k)  # raises ValueError with the model's own message
+    except ValueError as e:
+        raise UsageError(f'{CASCADE_FLAG}: {e}') from e
+    finally:
+        model.set_heads(previous)
+    return ladder
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The ``--cascade`` flags, before any model is built: one ``UsageError`` naming the flag."""
+    given = {rule: getattr(args, dest) for rule, dest in (('entropy', 'exit_entropy'), ('max_prob', 'exit_max_prob'))
+             if getattr(args, dest) is not None}
+    if len(given) == 2:
+        raise UsageError(f'{RULE_FLAGS["entropy"]} and {RULE_FLAGS["max_prob"]}: give one exit rule, not both')
+    if args.plot and not args.cascade:
+        raise UsageError('--plot: needs --cascade (it plots the threshold sweep against the fixed k)')
+    if args.plot and Path(args.plot).suffix.lower() not in ('.png', '.pdf', '.svg'):
+        raise UsageError(f'--plot: FILE must end in .png, .pdf or .svg, got {args.plot}')
+    if args.plot:
+        check_output_file(args.plot, '--plot')
+    if not args.cascade:
+        if given:
+            raise UsageError(f'{RULE_FLAGS[next(iter(given))]}: needs {CASCADE_FLAG} K1 K2 [K3] (the ladder the '
+                             'thresholds apply to)')
+        return
+    ladder = args.cascade
+    if not 2 <= len(ladder) <= 3:
+        raise UsageError(f'{CASCADE_FLAG}: a cascade is 2 or 3 head counts, got {len(ladder)} '
+                         f'({" ".join(map(str, ladder))})')
+    if any(a >= b for a, b in zip(ladder, ladder[1:], strict=False)):
+        raise UsageError(f'{CASCADE_FLAG}: head counts must be strictly increasing, got {" ".join(map(str, ladder))}')
+    if not given:
+        raise UsageError(f'{CASCADE_FLAG}: needs thresholds: --exit-entropy T [T ...] or --exit-max-prob T [T ...]')
+    (rule, thresholds), = given.items()
+    _check_thresholds(RULE_FLAGS[rule], rule, thresholds)
+
+
+def _check_thresholds(flag: str, rule: str, thresholds: List[float]) -> None:
+    bad = [t for t in thresholds if not math.isfinite(t)]
+    if bad:
+        raise UsageError(f'{flag}: thresholds must be finite, got {bad[0]}')
+    if rule == 'entropy' and min(thresholds) < 0:
+        raise UsageError(f'{flag}: an entropy threshold is >= 0 nats (below 0 no image exits), got {min(thresholds)}')
+    if rule == 'max_prob' and not all(0 <= t <= 1 for t in thresholds):
+        raise UsageError(f'{flag}: a top-1 probability threshold is in [0, 1], got '
+                         f'{next(t for t in thresholds if not 0 <= t <= 1)}')
+
+
+def result_keys(args: argparse.Namespace) -> List[str]:
+    """The result columns: the per-k keys, or with ``--cascade`` the summary columns of its stages."""
+    return list(summary_keys(len(args.cascade))) if args.cascade else list(KEYS)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +309,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--torchcompile', nargs='?', default=None, const='inductor', metavar='BACKEND',
                        help='torch.compile the model with BACKEND (default: inductor), one graph per head count')
     group.add_argument('--torchcompile-mode', default=None, metavar='MODE', help='torch.compile mode')
+    group = parser.add_argument_group('Confidence cascade (ThinkingViT)')
+    group.add_argument('--cascade', '--thinking-stages', dest='cascade', type=int, nargs='+', default=None,
+                       metavar='K', help='a ladder of 2 or 3 increasing trained head counts: each image runs at K1, '
+                                         'the unconfident ones again at K2, ... (see docs/evaluation.md)')
+    group.add_argument('--exit-entropy', '--threshold', dest='exit_entropy', type=float, nargs='+', default=None,
+                       metavar='T', help='exit where the softmax entropy (nats) is <= T; one cascade per T, T at '
+                                         'every stage but the last')
+    group.add_argument('--exit-max-prob', type=float, nargs='+', default=None, metavar='T',
+                       help='exit where the top-1 probability is >= T (instead of --exit-entropy)')
+    group.add_argument('--plot', default='', metavar='FILE',
+                       help='with --cascade: write top-1 against mean GMACs, the sweep beside the fixed-k curve')
 
 
 TOOL = Tool(
@@ -197,6 +331,8 @@ TOOL = Tool(
     default_batch_size=256,
     add_args=add_args,
     measure=measure,
+    check_args=check_args,
+    result_keys=result_keys,
 )
 
 

@@ -21,7 +21,9 @@ from timm.utils import random_seed, reparameterize_model
 from ..checkpoint import atomic_write, to_json
 from ..classes import (
     check_class_folders,
+    check_class_map_agrees,
     dataset_class_to_idx,
+    folder_orders,
     ignores_class_map,
     match_classes,
     read_class_map,
@@ -85,7 +87,8 @@ def create_parser(description: str, data_required: bool, default_batch_size: int
     does honour one (``--model-dtype``, ``--channels-last``, ``--torchcompile``) registers it again in its own
     ``add_args``, which replaces the refusal (``conflict_handler='resolve'``).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      conflict_handler='resolve')
     parser.add_argument(
         'data', metavar='DATA', nargs='?', default=None,
@@ -143,10 +146,12 @@ REFUSED_FLAGS = {
     '--metrics-avg': (1, 'precision / recall / F1 are not computed (top-1, top-5 and loss are)'),
     '--naflex-loader': (0, 'the NaFlex loader needs a NaFlexVit model; a HydraViT has a fixed patch grid'),
     '--naflex-max-seq-len': (1, 'the NaFlex loader needs a NaFlexVit model; a HydraViT has a fixed patch grid'),
-    '--model-dtype': (1, 'not supported by this tool (its inputs are float32); use --amp --amp-dtype'),
+    '--model-dtype': (1, 'not supported by this tool: it runs the model in float32'),
     '--channels-last': (0, 'not supported by this tool'),
     '--torchcompile': ('?', 'not supported by this tool'),
     '--torchcompile-mode': (1, 'not supported by this tool'),
+    '--amp': (0, 'not supported by this tool: it runs the model in float32, without autocast'),
+    '--amp-dtype': (1, 'not supported by this tool: it runs the model in float32, without autocast'),
     '--results-format': (1, 'not supported by this tool: --results-file FILE is JSON when FILE ends in .json, '
                             'else CSV'),
 }
@@ -254,6 +259,7 @@ def create_session(args: argparse.Namespace, all_heads: bool = False, trained_on
     if getattr(args, 'reparam', False):
         model = reparameterize_model(model)
     session = EvalSession(args, model.eval(), heads, device, data_config, checkpoint)
+    check_class_map(session)
     model.to(device=device, dtype=session.model_dtype)  # cast once, as timm's validate.py
     if getattr(args, 'channels_last', False):
         model.to(memory_format=torch.channels_last)
@@ -271,6 +277,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     suffix = Path(args.results_file).suffix.lower() if args.results_file else ''
     if fmt is not None and suffix in RESULT_SUFFIXES and suffix != f'.{fmt}':
         raise UsageError(f'--results-format {fmt} contradicts --results-file {args.results_file}')
+    if args.results_file:
+        check_output_file(args.results_file, '--results-file')
     if args.data is not None and not args.dataset and not Path(args.data).is_dir():
         raise UsageError(f'DATA: no such folder: {args.data}')
     if getattr(args, 'num_gpu', 1) != 1:
@@ -281,6 +289,28 @@ def check_common_args(args: argparse.Namespace) -> None:
     if getattr(args, 'amp', False) and getattr(args, 'model_dtype', None) not in (None, 'float32'):
         raise UsageError(f'--model-dtype: {args.model_dtype} cannot be combined with --amp (autocast needs a '
                          f'float32 model)')
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """``UsageError`` naming ``flag`` when the file ``path`` could not be written at the end of a run: it is an
+    existing folder, or a folder it would be created in is a file. Checked before any work starts."""
+    if Path(path).is_dir():
+        raise UsageError(f'{flag}: {path} is a folder; give a file name')
+    _check_parents(path, flag)
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """``UsageError`` naming ``flag`` when the folder ``path`` could not be created or written into at the end
+    of a run: it, or a folder above it, is an existing file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f'{flag}: {path} is a file; give a folder')
+    _check_parents(path, flag)
+
+
+def _check_parents(path: str, flag: str) -> None:
+    existing = next((p for p in Path(path).parents if p.exists()), None)  # the nearest one: mkdir starts there
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f'{flag}: {existing} is a file, so {path} cannot be created in it')
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -331,14 +361,16 @@ def trained_heads(args: argparse.Namespace, model: HydraViT, checkpoint: Optiona
     return heads
 
 
-def create_eval_dataset(session: EvalSession):
+def create_eval_dataset(session: EvalSession, labels: bool = True):
     """timm dataset for DATA, labelled by the model's classes.
 
-    Labels follow ``--class-map`` when given (timm's meaning), else the class names the checkpoint records,
-    matched by class name, with any reader (``--dataset``: timm's, or torchvision's ``torch/...``, which timm
-    creates without a class map, so their labels are mapped by a target transform); a class the model was not
-    trained on is an error. Raises ``UsageError`` when the dataset is empty, its images are not in class
-    folders, or it has more classes than the model.
+    Labels follow ``--class-map`` when given (timm's meaning; it must agree with the class names the checkpoint
+    records: ``check_class_map``), else the class names the checkpoint records, matched by class name, with any
+    reader (``--dataset``: timm's, or torchvision's ``torch/...``, which timm creates without a class map, so
+    their labels are mapped by a target transform); a class the model was not trained on is an error. Without
+    either, labels are the reader's order of DATA's folders, with a warning where the two folder readers' orders
+    differ. Raises ``UsageError`` when the dataset is empty, its images are not in class folders, or it has more
+    classes than the model. ``labels=False``: only images are used (no warnings about labels).
     """
     args = session.args
     class_map = getattr(args, 'class_map', '')
@@ -346,27 +378,61 @@ def create_eval_dataset(session: EvalSession):
     if class_map and ignores_class_map(dataset):
         dataset = _relabel(args, dataset, _read_class_map(args), '--class-map')
     found = dataset_class_to_idx(dataset)
+    names = session.class_names
+    if names is not None and found and not class_map:  # an unknown class is named before any count
+        return _label_by_names(session, dataset, names, found, labels)
     num_classes = session.model.num_classes
     if found and len(found) > num_classes:
         raise UsageError(f'DATA has {len(found)} classes but the model predicts {num_classes}: '
                          'pass --num-classes or a checkpoint trained on this data')
-    names = session.class_names
-    if class_map or not found:
-        return dataset
-    if names is None:
-        if len(found) != num_classes:
-            warn(f'DATA has {len(found)} classes, the model predicts {num_classes} and the checkpoint records no '
-                 f'class names: labels are DATA\'s sorted folders 0..{len(found) - 1}; pass --class-map FILE '
-                 f'(the training classes, one per line) to match them by name')
-        return dataset
+    if labels and not class_map and found:
+        _warn_unnamed_labels(found, num_classes, dataset)
+    return dataset
+
+
+def _label_by_names(session: EvalSession, dataset, names: List[str], found: Dict[str, int], labels: bool):
+    """``dataset`` relabelled by the checkpoint's class names (``UsageError`` naming a class it was not trained
+    on)."""
+    args = session.args
     try:
         mapping, missing = match_classes(names, found, f'DATA ({args.data})')
     except ValueError as e:
         raise UsageError(str(e)) from e
-    if missing:
+    if missing and labels:
         warn(f'DATA has no images of {len(missing)} of the {len(names)} classes the model was trained on '
              f'({shown(missing)}); labels matched by class name')
     return dataset if mapping is None else _relabel(args, dataset, mapping, 'DATA')
+
+
+def _warn_unnamed_labels(found: Dict[str, int], num_classes: int, dataset) -> None:
+    """The checkpoint records no class names: say where the labels DATA gets may not be the model's."""
+    if len(found) != num_classes:
+        warn(f'DATA has {len(found)} classes, the model predicts {num_classes} and the checkpoint records no '
+             f'class names: labels are DATA\'s sorted folders 0..{len(found) - 1}; pass --class-map FILE '
+             f'(the training classes, one per line) to match them by name')
+    orders = folder_orders(dataset)
+    if orders is not None and orders[0][1] != orders[1][1]:
+        (reader, order), (other, other_order) = orders
+        warn(f'the checkpoint records no class names: labels follow the class-folder order of {reader}: '
+             f'{shown(order)}; {other} gives {shown(other_order)}, and the model\'s labels follow the reader it '
+             f'was trained with: pass --class-map FILE (the training classes in label order, one per line) to make '
+             f'the order explicit')
+
+
+def check_class_map(session: EvalSession) -> None:
+    """``--class-map``, when given, must be readable and agree with the class names the checkpoint records (else
+    every image of a contradicted class is scored against another class): ``UsageError`` naming the flag."""
+    args = session.args
+    if not getattr(args, 'class_map', ''):
+        return
+    class_map = _read_class_map(args)
+    if session.class_names is None:
+        return
+    try:
+        check_class_map_agrees(session.class_names, class_map)
+    except ValueError as e:
+        raise UsageError(f'--class-map: {args.class_map} {e}; leave --class-map out to label DATA by the '
+                         f'recorded names') from e
 
 
 def _read_class_map(args: argparse.Namespace) -> Dict[str, int]:
@@ -511,6 +577,7 @@ class Tool:
     measure: Callable[[EvalSession], Iterable[Row]]
     add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
     check_args: Optional[Callable[[argparse.Namespace], None]] = None
+    result_keys: Optional[Callable[[argparse.Namespace], Sequence[str]]] = None  # keys by flags (validate --cascade)
 
 
 def run_tool(tool: Tool, argv: Optional[Sequence[str]] = None) -> List[Row]:
@@ -528,6 +595,7 @@ def run_tool(tool: Tool, argv: Optional[Sequence[str]] = None) -> List[Row]:
         rows = [round_row({**row, **settings}) for row in tool.measure(session)]
     except UsageError as e:
         parser.error(str(e))
-    report(rows, (*tool.keys, *SETTINGS_KEYS), args.results_file, args.results_format)
+    keys = tool.result_keys(args) if tool.result_keys is not None else tool.keys
+    report(rows, (*keys, *SETTINGS_KEYS), args.results_file, args.results_format)
     sys.stdout.flush()
     return rows

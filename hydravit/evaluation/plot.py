@@ -1,4 +1,5 @@
-"""The paper's trade-off figures: top-1 against GMACs, throughput and RAM, one panel each."""
+"""The paper's trade-off figures: top-1 against GMACs, throughput and RAM, one panel each; and the cascade
+sweep (``plot_cascade``): top-1 against mean GMACs, each cascade's threshold sweep beside the fixed-k curve."""
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,6 +59,47 @@ def _plot_panel(ax, rows: Sequence[Row], reference: Sequence[Row], key: str) -> 
         ax.plot(row[key], row['top1'], 's', color='tab:red', label='reference' if row is refs[0] else None)
         ax.annotate(str(row['name']), (row[key], row['top1']), textcoords='offset points', xytext=(4, 4),
                     fontsize='x-small', color='tab:red')
+
+
+def plot_cascade(rows: Sequence[Row], path, title: str = '', dpi: int = 80) -> Path:
+    """Write top-1 against mean GMACs per image: the fixed-k rows (``policy`` ``fixed``, labelled with k) as one curve
+    and every cascade ladder's rows (``policy`` ``cascade``, one curve per ladder and rule, labelled with the
+    threshold) beside it. ``rows``: ``evaluation.cascade.summary_row`` rows (``validate.py --cascade`` writes them)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2), dpi=dpi, layout='constrained')
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    fixed = sorted((r['gmacs'], r['top1'], r['ladder']) for r in rows if r['policy'] == 'fixed')
+    if fixed:
+        xs, ys, ks = zip(*fixed, strict=True)
+        ax.plot(xs, ys, 'o-', color='tab:blue', label='fixed k')
+        for x, y, k in fixed:
+            ax.annotate(f'k={k}', (x, y), textcoords='offset points', xytext=(3, -10), fontsize='x-small')
+    curves = {}
+    for r in rows:
+        if r['policy'] == 'cascade':
+            curves.setdefault((r['ladder'], r['rule']), []).append((r['gmacs'], r['top1'], r['threshold']))
+    colors = ('tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown')  # fixed k is blue
+    for i, ((ladder, rule), points) in enumerate(curves.items()):
+        points.sort(key=lambda p: p[0])
+        xs, ys, ts = zip(*points, strict=True)
+        color = colors[i % len(colors)]
+        ax.plot(xs, ys, 's--', color=color, label=f'cascade {ladder} ({rule})')
+        for x, y, t in points:
+            ax.annotate(f'T={t:.3g}' if isinstance(t, float) else f'T={t}', (x, y), textcoords='offset points',
+                        xytext=(3, 4), fontsize='xx-small', color=color)
+    ax.set_xlabel('mean GMACs per image')
+    ax.set_ylabel('top-1 (%)')
+    ax.grid(alpha=.3)
+    ax.legend(loc='lower right', fontsize='small')
+    if title:
+        ax.set_title(title, fontsize='medium')
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def _has(row: Row, key: str) -> bool:

@@ -17,6 +17,7 @@ from .common import (
     EvalSession,
     Row,
     UsageError,
+    check_output_folder,
     create_eval_dataset,
     create_eval_loader,
     create_parser,
@@ -58,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         throughput.check_args(args)
         if args.memory_batch_size < 1:
             raise UsageError(f'--memory-batch-size must be >= 1, got {args.memory_batch_size}')
+        check_output_folder(args.output, '-o/--output')
         reference = _load_reference(args.reference)
         session = create_session(args, all_heads=True)
         loader = create_eval_loader(session, create_eval_dataset(session))
@@ -132,7 +134,8 @@ def _load_reference(path: str) -> List[Row]:
 
 def plot_main(argv: Optional[Sequence[str]] = None) -> Path:
     """Re-draw the plots from a sweep CSV (``scripts/plot_tradeoff.py``)."""
-    parser = argparse.ArgumentParser(description='Plot top-1 against GMACs, throughput and RAM from a sweep CSV.')
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description='Plot top-1 against GMACs, throughput and RAM from a sweep CSV.')
     parser.add_argument('sweep_csv', metavar='SWEEP_CSV', help='sweep.csv written by scripts/sweep.py')
     parser.add_argument('-o', '--output', default='', metavar='PNG', help='default: next to SWEEP_CSV')
     parser.add_argument('--reference', default='', metavar='CSV', help='reference points (name, top1, ...)')

@@ -105,6 +105,29 @@ def benchmark_heads(session: EvalSession, k: int, batch: torch.Tensor) -> Row:
     }
 
 
+def benchmark_batch_sizes(session: EvalSession, k: int, batch: torch.Tensor, sizes: Sequence[int]) -> List[Row]:
+    """Mean and p90 time (ms) of one call of the k-head subnetwork on the first b images of ``batch``, for each b of
+    ``sizes`` (what a cascade's stages see: sub-batches of any size), timed like ``benchmark_heads``. Rows:
+    ``heads``, ``batch_size``, ``latency_ms_mean``, ``latency_ms_p90``."""
+    args, device = session.args, session.device
+    examples = [batch[:b] for b in sizes]
+    bench = dict(device=device, warmup=args.num_warm_iter, iters=args.num_bench_iter, budget_s=args.bench_time)
+    rows, runner = [], None
+    for x in examples:
+        if runner is None or args.compile:  # a fresh compile per size: dynamo's recompile limit would fall back
+            runner = _runner(session, k)
+
+        def forward(inp, runner=runner):
+            with torch.inference_mode(), autocast(args, device):
+                return runner(inp)
+
+        call = _graphed(forward, device, (x,)) if getattr(args, 'cuda_graph', False) else forward
+        times = time_calls(lambda call=call, x=x: call(x), **bench)
+        rows.append({'heads': k, 'batch_size': x.shape[0], 'latency_ms_mean': statistics.fmean(times),
+                     'latency_ms_p90': float(np.percentile(times, 90))})
+    return rows
+
+
 def _graphed(forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
              examples: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``forward`` replayed from one CUDA graph per batch size of ``examples``, all captured before any timing (the
@@ -131,7 +154,7 @@ def input_batch(session: EvalSession) -> torch.Tensor:
     batch_size = session.args.batch_size
     if session.args.data is None:
         return session.prepare_input(torch.randn(batch_size, *session.input_size))
-    images, _ = next(iter(create_eval_loader(session, create_eval_dataset(session))))
+    images, _ = next(iter(create_eval_loader(session, create_eval_dataset(session, labels=False))))
     repeats = -(-batch_size // images.shape[0])
     return session.prepare_input(images.repeat(repeats, 1, 1, 1)[:batch_size])
 

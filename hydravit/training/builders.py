@@ -99,6 +99,9 @@ def load_initial_checkpoint(model: nn.Module, path: str, init_slices: bool,
                                                    for k in ('state_dict_ema', 'model_ema'))
     if weights == 'ema' and not has_ema:
         raise ConfigError(f'--initial-checkpoint-weights ema: {path} holds no EMA weights (state_dict_ema)')
+    if weights == 'model' and has_ema and not any(checkpoint.get(k) is not None for k in ('state_dict', 'model')):
+        raise ConfigError(f'--initial-checkpoint-weights model: {path} holds only EMA weights (state_dict_ema); '
+                          f'use --initial-checkpoint-weights ema or auto')
     use_ema = has_ema and weights != 'model'
     try:
         state_dict = extract_state_dict(checkpoint, use_ema, source=path)

@@ -127,7 +127,8 @@ class CheckpointFiles:
     def state_dict(self, epoch: int, metric: Optional[float]) -> dict:
         """The ranking as it will be once the checkpoint of ``epoch`` (being written) is counted."""
         return {'checkpoint_files': [[name, m] for name, m in self.kept], 'best_epoch': self.best_epoch,
-                'best_metric': self.best_metric, 'pending': [epoch, metric]}
+                'best_metric': self.best_metric, 'pending': [epoch, metric],
+                'directory': os.path.realpath(self.directory)}  # the folder, however a later run reaches it
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the ranking of a checkpoint written into this folder; files that are gone are dropped."""
@@ -268,6 +269,62 @@ def run_layout(heads: Sequence[int], eval_metric: str, val_split: Optional[str],
     }
 
 
+def continues_run(checkpoint: dict, path: str, folder: Optional[str]) -> bool:
+    """Whether a ``--resume`` of ``checkpoint`` (at ``path``) writes into the run folder it was saved in, so it
+    continues that folder's summary.csv and checkpoint ranking: ``folder`` is, by real path (symlinks resolved), the
+    directory the checkpoint file lies in, or the one its ranking records (a checkpoint copied elsewhere)."""
+    if folder is None:
+        return False
+    target = os.path.realpath(folder)
+    saver = checkpoint.get('saver') if isinstance(checkpoint.get('saver'), dict) else {}
+    return os.path.dirname(os.path.realpath(path)) == target or saver.get('directory') == target
+
+
+def check_resume_optimizer(args: argparse.Namespace, checkpoint: dict, optimizer) -> None:
+    """Refuse, before anything is written, a ``--resume`` whose optimizer state the optimizer this run builds
+    (``optimizer``, not stepped) cannot take: none saved, another ``--opt`` (other per-parameter state, or the same
+    keys under other rules: adam / adamw, sgd / momentum), or another split into parameter groups (``--weight-decay``
+    0 or not, ``--layer-decay``), which torch refuses or maps onto other parameters. ``--no-resume-opt`` skips it."""
+    if args.no_resume_opt:
+        return
+    afresh = 'or with --no-resume-opt to start the optimizer afresh'
+    saved = checkpoint.get('optimizer')
+    if not isinstance(saved, dict) or not isinstance(saved.get('param_groups'), list):
+        raise ConfigError(f'--resume: {args.resume} holds no optimizer state; resume with --no-resume-opt to start '
+                          f'the optimizer afresh')
+    saved_args = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
+    saved_opt = saved_args.get('opt')
+    if isinstance(saved_opt, str) and saved_opt.lower() != args.opt.lower():
+        raise ConfigError(f'--opt: {args.resume} was trained with --opt {saved_opt}, and its optimizer state is '
+                          f'{saved_opt}\'s, not {args.opt}\'s; resume with --opt {saved_opt}, {afresh}')
+    sizes = [len(group['params']) for group in saved['param_groups']]
+    built = [len(group['params']) for group in optimizer.param_groups]
+    if sizes != built:
+        flag, key = next(((f, k) for f, k in _GROUP_FLAGS if k in saved_args and saved_args[k] != getattr(args, k)),
+                         _GROUP_FLAGS[0])
+        raise ConfigError(f'{flag}: {args.resume} holds optimizer state for {len(sizes)} parameter group(s) of '
+                          f'{"/".join(map(str, sizes))} tensors, {flag} {_flag_value(getattr(args, key))} builds '
+                          f'{len(built)} of {"/".join(map(str, built))}; resume '
+                          f'{_with_flag(flag, saved_args.get(key))}, {afresh}')
+
+
+# the flags that split the parameters into optimizer groups (timm's create_optimizer_v2)
+_GROUP_FLAGS = (('--weight-decay', 'weight_decay'), ('--layer-decay', 'layer_decay'), ('--opt-kwargs', 'opt_kwargs'))
+
+
+def _flag_value(value) -> str:
+    if value is None:
+        return '(unset)'
+    if isinstance(value, dict):
+        return ' '.join(f'{k}={v}' for k, v in value.items()) or '(none)'
+    return str(value)
+
+
+def _with_flag(flag: str, value) -> str:
+    """'with FLAG VALUE', or 'without FLAG' for a value the flag's absence gives."""
+    return f'without {flag}' if value is None or value == {} else f'with {flag} {_flag_value(value)}'
+
+
 def check_resume_layout(checkpoint: dict, path: str, layout: dict, same_folder: bool) -> None:
     """A resume into the run folder its checkpoint came from must keep summary.csv's columns and what the kept
     checkpoints are ranked by (``run_layout``), else rows would land under another header and ``model_best`` would
@@ -282,6 +339,11 @@ def check_resume_layout(checkpoint: dict, path: str, layout: dict, same_folder: 
             raise ConfigError(f'--resume: {flag} gives {value}, but {path} was trained with {saved[flag]}; '
                               f'in its run folder that would change summary.csv columns or the model_best ranking: '
                               f'resume with the same {flag}, or into a new run folder (--experiment NAME)')
+
+
+def _as_list(value):
+    """Tuples and lists compare alike (betas are a tuple when built, may be a list when loaded)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 class TrainingState:
@@ -425,7 +487,11 @@ class TrainingState:
         self.model_ema.module.load_state_dict(extract_state_dict(checkpoint, use_ema=True, source=self.args.resume))
 
     def _restore_optimization(self, checkpoint: dict) -> None:
+        # torch restores the saved groups' hyperparameters too; this run's flags (args.yaml) are the ones to train with
+        built = [{key: group[key] for key in self._flag_hyperparameters() if key in group}
+                 for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self._reapply_hyperparameters(built)
         if self.loss_scaler is not None and self.loss_scaler.state_dict_key in checkpoint:
             self.loss_scaler.load_state_dict(checkpoint[self.loss_scaler.state_dict_key])
         if self.sampler is not None and checkpoint.get('sampler'):
@@ -435,6 +501,21 @@ class TrainingState:
                 _logger.warning(f'--resume: {e}; the head sampler restarts from --seed')
         if self.lr_scheduler is not None and checkpoint.get('scheduler'):
             load_nested_states(self.lr_scheduler, checkpoint['scheduler'])
+
+    def _flag_hyperparameters(self) -> List[str]:
+        """Optimizer group entries set by this run's flags (not counters such as Lookahead's or Adan's steps;
+        the learning rate is the scheduler's)."""
+        return ['weight_decay', 'momentum', 'betas', 'eps', 'lr_scale', *getattr(self.args, 'opt_kwargs', {})]
+
+    def _reapply_hyperparameters(self, built: List[dict]) -> None:
+        changed = set()
+        for group, values in zip(self.optimizer.param_groups, built, strict=True):
+            for key, value in values.items():
+                if _as_list(group.get(key)) != _as_list(value):
+                    changed.add(f'{key} {group.get(key)} -> {value}')
+                    group[key] = value
+        if changed:
+            _logger.info(f'--resume: optimizer state restored with this run\'s {", ".join(sorted(changed))}')
 
     def _position_schedule(self, point: ResumePoint, updates_per_epoch: int) -> None:
         """The schedule is a function of the arguments and the position, so --epochs may change on resume."""
@@ -447,8 +528,8 @@ class TrainingState:
 
     def _restore_files(self, checkpoint: dict) -> None:
         """Keep ranking the checkpoints of the same run folder (a resume into another folder starts afresh)."""
-        resume_dir = os.path.abspath(os.path.dirname(self.args.resume or ''))
-        if self.files is not None and checkpoint.get('saver') and resume_dir == os.path.abspath(self.files.directory):
+        if self.files is not None and checkpoint.get('saver') and continues_run(checkpoint, self.args.resume,
+                                                                                self.files.directory):
             self.files.load_state_dict(checkpoint['saver'])
 
     def _restore_rng(self, checkpoint: dict, skip_updates: int, streams: bool) -> Optional[List[dict]]:

@@ -40,7 +40,11 @@ PROG = 'python -m hydravit.train'
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line: the full usage of ~150 flags would bury the message."""
+    """An argparse parser whose errors are one line: the full usage of ~150 flags would bury the message. Flags
+    are matched by their exact names (no abbreviations: ``--amp`` must never be read as another ``--amp-...``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')

@@ -47,6 +47,8 @@ from .checkpointing import (
     CheckpointFiles,
     TrainingState,
     check_resume_layout,
+    check_resume_optimizer,
+    continues_run,
     gather_rng_states,
     resume_position,
     rng_state,
@@ -56,7 +58,16 @@ from .checkpointing import (
 from .config import PROG, ConfigError, check_eval_metric, is_check_only, parse_args
 from .data import check_data_dir, create_datasets, create_loaders, disable_mixup_after, train_class_names
 from .objective import StepLosses, StepObjective, no_sync_unless
-from .report import EpochMeters, format_final_table, format_seconds, format_table, heads_metrics, summary_keys
+from .report import (
+    EpochMeters,
+    format_final_table,
+    format_seconds,
+    format_table,
+    header_layout,
+    heads_metrics,
+    summary_header,
+    summary_keys,
+)
 from .sampler import HeadSampler
 from .teacher import create_teacher
 
@@ -303,7 +314,7 @@ def train(args: argparse.Namespace, args_text: str) -> int:
         if net is not None:
             net.to(device=device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     resolve_lr(args)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = create_train_optimizer(args, model)
     amp_autocast, loss_scaler = create_amp(args, device)
     model_ema = create_model_ema(args, model)
     module = model
@@ -347,6 +358,10 @@ def prepare_run(args: argparse.Namespace):
     check_eval_metric(args.eval_metric, heads)
     if resume_ckpt is not None:
         check_resume(args, resume_ckpt, heads)
+        if not args.no_resume_opt:  # a throwaway optimizer, never stepped: its parameter groups are what matters
+            placeholder = argparse.Namespace(**{**vars(args), 'lr': 1e-3 if args.lr is None else args.lr})
+            check_resume_optimizer(args, resume_ckpt, create_train_optimizer(placeholder, model))
+    check_summary_columns(args, resume_ckpt, heads)
     sampler = HeadSampler(heads, args.weights, seed=args.seed)
     try:
         sampler.check_step(args.subnets_per_step, args.subnet_policy)
@@ -372,10 +387,58 @@ def check_resume(args: argparse.Namespace, checkpoint: dict, heads: List[int]) -
         # torchrun's workers know the world size; --check-only before them does not, a plain run is one process
         world_size = int(os.environ['WORLD_SIZE']) if 'WORLD_SIZE' in os.environ else None if args.check_only else 1
         resume_position(checkpoint, args.resume, args.batch_size, args.grad_accum_steps, world_size)
-    layout = run_layout(heads, args.eval_metric, args.val_split, args.model_ema and not args.model_ema_force_cpu)
+    layout = run_layout(heads, args.eval_metric, args.val_split, validates_ema(args))
+    check_resume_layout(checkpoint, args.resume, layout, continues_run(checkpoint, args.resume, run_folder(args)))
+
+
+def create_train_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer factory with timm's train.py arguments, plus --opt-kwargs."""
+    return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+
+
+def validates_ema(args: argparse.Namespace) -> bool:
+    """Whether the EMA weights are validated (summary.csv's eval_ema_* columns; they rank the checkpoints)."""
+    return bool(args.model_ema and not args.model_ema_force_cpu)
+
+
+def check_summary_columns(args: argparse.Namespace, resume_ckpt: Optional[dict], heads: List[int]) -> None:
+    """Refuse, before anything is written, a run that would append rows to its run folder's summary.csv under
+    another header: one starting past epoch 0 (--resume, --start-epoch) keeps the rows of the epochs before it
+    (``trim_summary``), however the folder is reached (a symlink, a checkpoint copied from elsewhere)."""
     folder = run_folder(args)
-    same = folder is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(folder)
-    check_resume_layout(checkpoint, args.resume, layout, same)
+    start = first_epoch(args, resume_ckpt)
+    path = os.path.join(folder, 'summary.csv') if folder else None
+    if not start or path is None or not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    expected = summary_header(heads, validates_ema(args))
+    if not rows or rows[0] == expected or not any(row and _row_epoch(row) < start for row in rows[1:]):
+        return
+    saved, layout = header_layout(rows[0]), header_layout(expected)
+    flag = next((f for f in layout if layout[f] != saved[f]), None)
+    what = (f'{flag} gives {layout[flag]}, but {path} was written with {saved[flag]}' if flag else
+            f'{path} holds other columns than this run writes ({len(rows[0])}, not {len(expected)})')
+    raise ConfigError(f'{what}; its rows of the epochs before {start} would stay under that header: '
+                      f'{f"use the same {flag}" if flag else "start at epoch 0"}, or a new run folder '
+                      f'(--experiment NAME)')
+
+
+def _row_epoch(row: List[str]) -> float:
+    try:
+        return float(row[0])
+    except ValueError:  # not a row of epochs: kept as the header would be
+        return float('-inf')
+
+
+def first_epoch(args: argparse.Namespace, resume_ckpt: Optional[dict]) -> int:
+    """The epoch this run starts at: --start-epoch, else a --resume checkpoint's (the one it stopped in, or the
+    next after an end-of-epoch checkpoint), else 0."""
+    if args.start_epoch is not None:
+        return args.start_epoch
+    if resume_ckpt is None:
+        return 0
+    return int(resume_ckpt['epoch']) + (0 if resume_ckpt.get('updates_done') else 1)
 
 
 def run_folder(args: argparse.Namespace) -> Optional[str]:

@@ -28,7 +28,7 @@ class EpochMeters:
 
     def epoch_metrics(self, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         """loss, loss_ce, loss_kd (summary.csv's train_loss, train_loss_ce, train_loss_kd), averaged over ranks."""
-        metrics = OrderedDict(loss=self.loss.avg, loss_ce=self.ce.avg, loss_kd=self.kd.avg)
+        metrics = OrderedDict(zip(TRAIN_METRICS, (self.loss.avg, self.ce.avg, self.kd.avg), strict=True))
         if args.distributed:
             values = utils.reduce_tensor(torch.tensor(list(metrics.values()), device=device), args.world_size)
             metrics = OrderedDict(zip(metrics, values.tolist(), strict=True))
@@ -65,6 +65,7 @@ def format_seconds(seconds: float) -> str:
     return str(timedelta(seconds=int(max(0.0, seconds))))
 
 
+TRAIN_METRICS = ('loss', 'loss_ce', 'loss_kd')  # summary.csv's train_* columns, in this order
 PER_K_METRICS = ('loss', 'top1', 'top5')  # per head count, in this order
 MEAN_METRICS = ('top1', 'top5', 'loss')  # means over the head counts, after the per-k ones
 
@@ -82,3 +83,17 @@ def summary_keys(heads: Sequence[int], with_ema: bool) -> List[str]:
     must list the keys exactly as a validated epoch does."""
     keys = [f'{m}_k{k}' for k in heads for m in PER_K_METRICS] + list(MEAN_METRICS)
     return keys + (['ema_' + key for key in keys] if with_ema else [])
+
+
+def summary_header(heads: Sequence[int], with_ema: bool) -> List[str]:
+    """The header timm's ``update_summary`` writes for this run: epoch, train_*, eval_* (``summary_keys``), lr."""
+    return (['epoch'] + [f'train_{m}' for m in TRAIN_METRICS] + [f'eval_{k}' for k in summary_keys(heads, with_ema)]
+            + ['lr'])
+
+
+def header_layout(header: Sequence[str]) -> Dict[str, str]:
+    """What a summary.csv header says of the run that wrote it, as ``run_layout`` words it: its head counts (the
+    eval_top1_kK columns, in order) and whether EMA was validated."""
+    heads = [name[len('eval_top1_k'):] for name in header if name.startswith('eval_top1_k')]
+    return {'--heads': ' '.join(heads) or '(none)',
+            '--model-ema': 'EMA validated' if 'eval_ema_top1' in header else 'no EMA validated'}

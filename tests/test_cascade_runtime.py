@@ -1,0 +1,193 @@
+"""The load-driven cascade: ``CascadeController`` / ``ElasticCascadeRunner`` on stub stages whose latency per k and
+per sub-batch is set here (an injected clock, as tests/test_deploy.py does for the ElasticRunner), and serve-bench's
+two cascade policies on a tiny generated ImageFolder.
+"""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import hydravit  # noqa: F401  registers the models
+from hydravit.deploy import serve_bench
+from hydravit.deploy.cascade import CascadeRunner
+from hydravit.deploy.runtime import CascadeController, ElasticCascadeRunner, OperatingPoint, operating_frontier
+from hydravit.evaluation.cascade import CascadeSpec
+
+B = 10
+COST = {3: 2., 6: 4., 12: 10.}  # ms per call of a full batch at k without load; a sub-batch of n pays n / B of it
+# Image i's difficulty; every stage answers it with top-1 probability 1 - d / 2: under the max_prob rule it exits
+# stage 1 at threshold T = 1 - m / 20 exactly when i < m.
+DIFFICULTY = (torch.arange(B, dtype=torch.float32) + 0.5) / B
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stub_stages(clock: FakeClock, load, seed: int = 0) -> dict:
+    """Per k: a stage that advances the clock by ``COST[k] * n / B * load(t)`` (+-2 %) and returns 2-class logits
+    whose top-1 probability is ``1 - d / 2`` for an image of difficulty ``d`` (its only pixel)."""
+    rng = random.Random(seed)
+
+    def stage(k: int):
+        def run(images: torch.Tensor) -> torch.Tensor:
+            n = images.shape[0]
+            clock.now += COST[k] * n / B * load(clock.now) * rng.uniform(0.98, 1.02) / 1e3
+            p = 1 - images.flatten() / 2
+            return torch.stack([torch.log(p) - torch.log1p(-p), torch.zeros(n)], dim=1)
+        return run
+    return {k: stage(k) for k in COST}
+
+
+def cascade_point(m: int) -> OperatingPoint:
+    """3 -> 12 where m of the B images exit at k=3: latency 2 + 10 (1 - m / B) ms; top-1 90 - 12 (m / B)^2."""
+    share = m / B
+    latency = COST[3] + COST[12] * (1 - share)
+    return OperatingPoint(CascadeSpec((3, 12), 'max_prob', (1 - m / 20,)), 90 - 12 * share ** 2, latency,
+                          latency * 1.02)
+
+
+FIXED = {3: 70., 6: 80., 12: 90.}
+POINTS = [OperatingPoint(CascadeSpec((k,)), top1, COST[k], COST[k] * 1.02) for k, top1 in FIXED.items()] + [
+    cascade_point(m) for m in range(1, 10)]
+
+
+def serve(load, seconds: float, budget_ms: float, **kwargs) -> ElasticCascadeRunner:
+    clock = FakeClock()
+    stages = stub_stages(clock, load)
+    runner = ElasticCascadeRunner(CascadeRunner(stages, CascadeSpec((12,))), budget_ms, POINTS, clock=clock,
+                                  **kwargs)
+    images = DIFFICULTY.view(B, 1, 1, 1)
+    while clock.now < seconds:
+        point = runner.point
+        out = runner(images)
+        # The call ran the point's cascade: the first m images answered at stage 0, the rest at the last stage.
+        m = round(20 * (1 - point.spec.thresholds[0])) if len(point.spec.ladder) > 1 else 0
+        assert out.stage.tolist() == [0] * m + [len(point.spec.ladder) - 1] * (B - m)
+        assert out.batch_sizes == ([B] if m == 0 else [B, B - m] if m < B else [B])
+    return runner
+
+
+def test_frontier_orders_points_and_drops_dominated_and_below_floor():
+    frontier = operating_frontier(POINTS)
+    # 3->12 with 9 of 10 exiting (3 ms, 80.28 %) beats k=6 (4 ms, 80 %); with 2 exiting it costs what k=12 does
+    # (10 ms) for less, with 1 more (11 ms): those three are dominated and dropped.
+    assert [p.spec.name for p in frontier] == ['k=3'] + [f'3->12 max_prob>={1 - m / 20:.4g}' for m in
+                                                        range(9, 2, -1)] + ['k=12']
+    assert [p.latency_ms for p in frontier] == sorted(p.latency_ms for p in frontier)
+    floored = operating_frontier(POINTS, min_top1=85.)
+    assert min(p.top1 for p in floored) >= 85. and [p.spec.thresholds for p in floored[:1]] == [(0.7,)]
+    with pytest.raises(ValueError, match=r'^min_top1 95: no operating point reaches it \(best: 90 % at k=12\)$'):
+        operating_frontier(POINTS, min_top1=95.)
+    with pytest.raises(ValueError, match='^no operating points given$'):
+        operating_frontier([])
+    with pytest.raises(ValueError, match=r'operating point k=3: top1 and latencies must be finite, latencies > 0'):
+        OperatingPoint(CascadeSpec((3,)), 70., 0., 1.)
+
+
+def test_controller_starts_at_the_most_accurate_point_that_fits():
+    assert CascadeController(POINTS, 12.).point.spec.name == 'k=12'  # p90 10.2 ms <= 11.4 ms (5 % margin)
+    # 8 ms: the most accurate point with p90 <= 7.6 ms: 3->12 with 5 of 10 exiting (7.14 ms).
+    assert CascadeController(POINTS, 8.).point.spec.thresholds == (0.75,)
+    assert CascadeController(POINTS, 1.).point.spec.name == 'k=3'  # nothing fits: the cheapest
+
+
+def test_runner_moves_to_cheaper_points_under_a_3x_slowdown_and_returns_after():
+    runner = serve(lambda t: 3. if 3 <= t < 8 else 1., 12, budget_ms=12.)
+    history = list(runner.history)
+    names = [p.spec.name for p in runner.points]
+    assert {names[level] for t, level, _ in history if t < 3} == {'k=12'}
+    # 3 x (2 + 10 x 0.1) = 9 ms fits the 10.2 ms target, 3 x 4 ms does not: the threshold knob settles on 3->12
+    # with 9 of 10 images exiting at k=3 (80.3 %), not on k=3 (70 %), the best fixed width that fits.
+    settled = [names[level] for t, level, _ in history if 3.5 <= t < 8]
+    assert set(settled) <= {'3->12 max_prob>=0.55', '3->12 max_prob>=0.6'}
+    assert settled.count('3->12 max_prob>=0.55') > 0.95 * len(settled)
+    under_load = [ms for t, _, ms in history if 3.5 <= t < 8]
+    assert np.mean([ms <= 12. for ms in under_load]) >= 0.97
+    back = next(t for t, level, _ in history if t >= 8 and names[level] == 'k=12')
+    assert back - 8 < 0.5 and {names[level] for t, level, _ in history if t >= back} == {'k=12'}
+    assert np.mean([ms <= 12. for t, _, ms in history if not 3 <= t < 8.1]) > 0.99
+
+
+def test_runner_never_serves_below_the_floor():
+    # From t = 1 s every call takes 3x; with an 85 % floor the cheapest allowed point (3->12, 6 of 10 exiting:
+    # 6 ms, 18 ms under load) cannot hold 12 ms: it serves there, over budget, never a cheaper point.
+    runner = serve(lambda t: 3. if t >= 1 else 1., 5, budget_ms=12., min_top1=85.)
+    top1 = [runner.points[level].top1 for _, level, _ in runner.history]
+    assert min(top1) >= 85. and runner.points[0].spec.thresholds == (0.7,)
+    late = [(level, ms) for t, level, ms in runner.history if t >= 2]
+    assert {level for level, _ in late} == {0} and all(ms > 12. for _, ms in late)
+
+
+def test_runner_refuses_points_its_stages_cannot_run():
+    clock = FakeClock()
+    stages = stub_stages(clock, lambda t: 1.)
+    del stages[6]
+    with pytest.raises(ValueError, match=r'^the cascade runner has no stage for head count\(s\) \[6\] of the '
+                                         r'operating points$'):
+        ElasticCascadeRunner(CascadeRunner(stages, CascadeSpec((3,))), 12., POINTS[:2], clock=clock)
+    with pytest.raises(ValueError, match='latency budget must be > 0 ms'):
+        ElasticCascadeRunner(CascadeRunner(stub_stages(clock, lambda t: 1.), CascadeSpec((3,))), 0., POINTS)
+
+
+# --- serve-bench's cascade policies on real images ----------------------------------------------------------
+@pytest.fixture(scope='module')
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """The small model, weights perturbed, with the head set [3, 12] a training run records."""
+    torch.manual_seed(0)
+    model = timm.create_model('hydravit_dyn_patch4_32', num_classes=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path_factory.mktemp('ckpt') / 'last.pth.tar'
+    torch.save({'arch': 'hydravit_dyn_patch4_32', 'state_dict': model.state_dict(), 'heads': [12, 3],
+                'class_names': ['cat', 'dog']}, path)
+    return path
+
+
+def test_serve_bench_cascade_policies_count_what_they_served(image_folder, trained_checkpoint, tmp_path, capsys):
+    torch.set_num_threads(1)
+    out, budget = tmp_path / 'sb', 1e4
+    result = serve_bench.main([str(image_folder), '--checkpoint', str(trained_checkpoint), '-b', '2',
+                               '--budget-ms', str(budget), '--load-schedule', 'off:0.2', 'on:0.3', 'off:0.2',
+                               '--load-procs', '1', '--calibration-time', '0.02', '--log-every', '0.3',
+                               '-o', str(out), '--device', 'cpu', '-j', '0'])
+    stdout = capsys.readouterr().out
+    assert json.loads((out / 'serve_bench.json').read_text())['summary'] == result['summary']
+    # 8 images, 2 served k: 4 images calibrate (a disjoint half), the other 4 are served.
+    assert result['settings']['fit_images'] == 4 and result['settings']['fit_disjoint']
+    assert 'calibrating on 4 other images (a disjoint half)' in stdout
+    points = result['operating_points']
+    assert [p['cascade'] for p in points[:2]] == ['k=3', 'k=12'] and all(p['ladder'] == [3, 12] for p in points[2:])
+    # pick-cascade: the most accurate point whose calibrated p90 fits (all do at 10 s), on ties the lower p90.
+    best = min(points, key=lambda p: (-p['top1'], p['latency_ms_p90']))
+    assert result['policies']['pick-cascade'] == [best['cascade']]
+    frontier = result['policies']['elastic-cascade']
+    by_name = {p['cascade']: p for p in points}
+    assert [by_name[n]['latency_ms_median'] for n in frontier] == sorted(by_name[n]['latency_ms_median']
+                                                                         for n in frontier)
+    assert all(by_name[a]['top1'] < by_name[b]['top1'] for a, b in zip(frontier, frontier[1:], strict=False))
+    assert min(p['latency_ms_median'] for p in points) == by_name[frontier[0]]['latency_ms_median']
+    assert list(result['repeats'][0]['runs']) == list(serve_bench.POLICIES)
+    summary = {row['policy']: row for row in result['repeats'][0]['summary']}
+    for name, served in (('pick-cascade', [best['cascade']]), ('elastic-cascade', frontier)):
+        calls = result['repeats'][0]['runs'][name]['calls']
+        assert calls and all(0 <= c[1] < len(served) and 3 <= c[5] <= 12 and c[4] == 2 for c in calls)
+        images = sum(c[4] for c in calls)
+        assert summary[name]['top1'] == pytest.approx(100 * sum(c[3] for c in calls) / images, abs=1e-3)
+        assert summary[name]['goodput'] == pytest.approx(
+            100 * sum(c[3] for c in calls if c[2] <= budget) / images, abs=1e-3)
+        on = [c for c in calls if 0.2 <= c[0] < 0.5]
+        assert summary[name]['goodput_load'] == pytest.approx(100 * sum(c[3] for c in on) / sum(c[4] for c in on),
+                                                              abs=1e-3)
+        assert summary[name]['mean_k'] == pytest.approx(np.mean([c[5] for c in calls]), abs=1e-3)
+        assert summary[name]['k'] is None and summary[name]['runner_us_per_call'] > 0
+    assert 'goodput under load: elastic-cascade' in stdout and f'pick-cascade serves {best["cascade"]}' in stdout
