@@ -42,22 +42,29 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, out_dir: Path, si
     return counts
 
 
-def main(argv=None) -> int:
+def run_cli(argv, description: str, write, val_fraction: float) -> int:
+    """The command line of a data-preparation script: OUT_DIR, --size, --val-fraction, --seed; ``write(out_dir,
+    size, val_fraction, seed)`` writes the ImageFolder and returns {split: count}."""
     parser = argparse.ArgumentParser(allow_abbrev=False,
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('out_dir', type=Path, help='output folder (gets train/ and validation/)')
     parser.add_argument('--size', type=int, default=32, help='output image side in pixels (default: 32)')
-    parser.add_argument('--val-fraction', type=float, default=0.25, help='share of images held out (default: 0.25)')
+    parser.add_argument('--val-fraction', type=float, default=val_fraction,
+                        help=f'share of images held out (default: {val_fraction})')
     parser.add_argument('--seed', type=int, default=0, help='split seed (default: 0)')
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error(f'--val-fraction must be in (0, 1), got {args.val_fraction}')
     if args.size < 8:
         parser.error(f'--size must be >= 8, got {args.size}')
-    counts = write_digits(args.out_dir, args.size, args.val_fraction, args.seed)
+    counts = write(args.out_dir, args.size, args.val_fraction, args.seed)
     print(f'wrote {counts["train"]} train and {counts["validation"]} validation images '
           f'({args.size}x{args.size} RGB, 10 classes) to {args.out_dir}')
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(argv, __doc__, write_digits, 0.25)
 
 
 if __name__ == '__main__':

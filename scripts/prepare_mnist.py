@@ -7,12 +7,11 @@ no download). They are split with a fixed seed, stratified by class, and resized
 ``hydravit_dyn_patch4_32``. Usage: ``python scripts/prepare_mnist.py data/mnist``; train with
 ``python -m hydravit.train data/mnist --config configs/mnist.yaml``.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-from prepare_digits import write_image_folder
+from prepare_digits import run_cli, write_image_folder
 
 
 def write_mnist(out_dir: Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -24,21 +23,7 @@ def write_mnist(out_dir: Path, size: int = 32, val_fraction: float = 0.2, seed: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False,
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('out_dir', type=Path, help='output folder (gets train/ and validation/)')
-    parser.add_argument('--size', type=int, default=32, help='output image side in pixels (default: 32)')
-    parser.add_argument('--val-fraction', type=float, default=0.2, help='share of images held out (default: 0.2)')
-    parser.add_argument('--seed', type=int, default=0, help='split seed (default: 0)')
-    args = parser.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        parser.error(f'--val-fraction must be in (0, 1), got {args.val_fraction}')
-    if args.size < 8:
-        parser.error(f'--size must be >= 8, got {args.size}')
-    counts = write_mnist(args.out_dir, args.size, args.val_fraction, args.seed)
-    print(f'wrote {counts["train"]} train and {counts["validation"]} validation images '
-          f'({args.size}x{args.size} RGB, 10 classes) to {args.out_dir}')
-    return 0
+    return run_cli(argv, __doc__, write_mnist, 0.2)
 
 
 if __name__ == '__main__':
