@@ -145,7 +145,8 @@ def create_pick_parser() -> argparse.ArgumentParser:
     group.add_argument('--ladder-heads', type=int, nargs='+', default=None, metavar='K',
                        help='the widths cascades are built from (default: 4 of the profiled k, evenly spread)')
     group.add_argument('--exit-shares', type=float, nargs='+', default=None, metavar='S',
-                       help='shares of the fit half that stage 1 lets exit, one threshold each (default: 0.2 0.4 0.6 0.7 0.8 0.9 0.95 0.97 0.99)')
+                       help='shares of the fit half that stage 1 lets exit, one threshold each '
+                            '(default: 0.2 0.4 0.6 0.7 0.8 0.9 0.95 0.97 0.99)')
     group.add_argument('--seed', type=int, default=0, help='seed of the two stratified halves (default: 0)')
     group.add_argument('--fixed-only', action='store_true', help='search fixed k only')
     parser.add_argument('--verify', action='store_true',
