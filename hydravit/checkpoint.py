@@ -173,14 +173,23 @@ def check_optimizer_finite(optimizer_state: Any, source: str) -> None:
     check_finite(named, source, where='optimizer')
 
 
+def check_training_checkpoint_finite(checkpoint: dict, source: str, ema: bool = True, optimizer: bool = True) -> None:
+    """Raise ``NonFiniteWeightsError`` (or ``ValueError`` for no state dict) unless a training checkpoint's model
+    weights, its EMA weights when it holds them (``ema``) and its optimizer state (``optimizer``) are all finite."""
+    extract_state_dict(checkpoint, source=source)
+    if ema and checkpoint.get('state_dict_ema') is not None:
+        extract_state_dict(checkpoint, use_ema=True, source=source)
+    if optimizer:
+        check_optimizer_finite(checkpoint.get('optimizer'), source)
+
+
 def finite_training_checkpoint(path: PathLike) -> Optional[dict]:
     """The checkpoint at ``path`` if it reads and its model, EMA and optimizer state are all finite, else None."""
     try:
         checkpoint = load_checkpoint_file(path)
-        extract_state_dict(checkpoint, source=str(path))
-        if isinstance(checkpoint, dict) and checkpoint.get('state_dict_ema') is not None:
-            extract_state_dict(checkpoint, use_ema=True, source=str(path))
-        check_optimizer_finite(checkpoint.get('optimizer'), str(path))
+        if not isinstance(checkpoint, dict):
+            return None
+        check_training_checkpoint_finite(checkpoint, str(path))
     except (ValueError, KeyError, FileNotFoundError):
         return None
     return checkpoint

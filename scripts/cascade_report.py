@@ -93,8 +93,7 @@ def report_run(name: str, seed: int, records: CascadeRecords, gmacs: Dict[int, f
     split = halves(records, seed=0)
     fixed = {k: halves_mean(records, CascadeSpec((k,)), gmacs, split) for k in heads}
     budgets = [(f'k={k}', gmacs[k]) for k in heads if 3 < k < heads[-1]] + [('half of k=12', gmacs[heads[-1]] / 2)]
-    recipes = [r for r in cascade_candidates(heads) if len(r.ladder) > 1] + [
-        r for r in cascade_candidates(heads) if len(r.ladder) == 1]
+    recipes = cascade_candidates(heads)
     choices = budget_choices(records, recipes, 'entropy', gmacs, [b for _, b in budgets], split=split)
     rows = []
     for (label, budget), choice in zip(budgets, choices, strict=True):

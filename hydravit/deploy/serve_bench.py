@@ -62,7 +62,7 @@ from ..evaluation.common import (
 )
 from ..evaluation.cuda_graph import GraphCache, heads_forward
 from ..evaluation.environment import device_info
-from .cascade import CascadeOutput, CascadeRunner, bucket_size
+from .cascade import CascadeOutput, CascadeRunner, bucket_size, default_buckets, eager_stages, graph_stages
 from .load import CpuLoad, Segment, load_on, load_windows, parse_schedule, total_seconds
 from .pick import NoFit, choose
 from .runtime import ElasticCascadeRunner, ElasticRunner, OperatingPoint, operating_frontier
@@ -346,7 +346,7 @@ def sub_batch_latency(session: EvalSession, forward, calibration: Sequence[Row],
     """Per served k: an array ``(sizes, median ms, p90 ms)`` at the sub-batch sizes a cascade's later stages see
     (the powers of two below the batch, and the batch itself, whose figures are the calibration's), measured like
     ``calibrate`` for half of ``--calibration-time`` each."""
-    sizes = bucket_sizes(batch_size)
+    sizes = default_buckets(batch_size)
     example = example[:1].expand(batch_size, *example.shape[1:]).contiguous()  # the fit part may be smaller
     table = {}
     with torch.inference_mode():
@@ -377,35 +377,18 @@ def cascade_latency(stages: torch.Tensor, ladder: Sequence[int], table: Dict[int
     return float(np.median(medians)), float(np.percentile(p90s, 90))
 
 
-def bucket_sizes(batch_size: int) -> List[int]:
-    """The powers of two below ``batch_size``, and ``batch_size``."""
-    return [2 ** i for i in range(batch_size.bit_length()) if 2 ** i < batch_size] + [batch_size]
-
-
 def _buckets(args: argparse.Namespace, batch_size: int) -> Optional[List[int]]:
     """Sub-batch sizes a cascade's stages are padded to: with ``--cuda-graph`` one graph per k and bucket (a graph
     has a fixed shape); eager calls take any size."""
-    return bucket_sizes(batch_size) if args.cuda_graph else None
+    return default_buckets(batch_size) if args.cuda_graph else None
 
 
 def cascade_stages(session: EvalSession, forward, example: torch.Tensor) -> Dict[int, Callable]:
     """One stage callable per served k for a ``CascadeRunner``: ``set_heads(k)`` then ``forward``, or with
     ``--cuda-graph`` the replay of the graph of (k, bucket), all captured here from ``example``'s first rows."""
-    model = session.model
-
-    def eager(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def run(images: torch.Tensor) -> torch.Tensor:
-            model.set_heads(k)
-            return forward(images)
-        return run
     if not session.args.cuda_graph:
-        return {k: eager(k) for k in session.heads}
-    at_heads = heads_forward(model, forward)
-    graphs = GraphCache(lambda key, x: at_heads(key[0], x), session.device)
-    for k in session.heads:
-        for n in bucket_sizes(example.shape[0]):
-            graphs.capture((k, n), example[:n])
-    return {k: (lambda images, k=k: graphs((k, images.shape[0]), images)) for k in session.heads}
+        return eager_stages(session.model, session.heads, forward)
+    return graph_stages(session.model, session.heads, example, forward=forward)[0]
 
 
 def pick_cascade(points: Sequence[OperatingPoint], budget_ms: float, min_top1: Optional[float]) -> OperatingPoint:

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from ..checkpoint import (
     atomic_torch_save,
-    check_optimizer_finite,
     check_state_dict_matches,
+    check_training_checkpoint_finite,
     extract_state_dict,
     load_checkpoint_file,
 )
@@ -425,12 +425,8 @@ class TrainingState:
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
             raise ConfigError(f'--resume: {path} is not a training checkpoint (no state_dict/epoch); '
                               f'use --initial-checkpoint for weights only')
-        try:  # the shared check (hydravit.checkpoint.check_finite) of everything this resume will load
-            extract_state_dict(checkpoint, source=path)
-            if ema and checkpoint.get('state_dict_ema') is not None:
-                extract_state_dict(checkpoint, use_ema=True, source=path)
-            if optimizer:
-                check_optimizer_finite(checkpoint.get('optimizer'), path)
+        try:  # the shared check of everything this resume will load
+            check_training_checkpoint_finite(checkpoint, path, ema, optimizer)
         except ValueError as e:
             raise ConfigError(f'--resume: {e}') from e
         return checkpoint
