@@ -5,8 +5,10 @@
 
 For each checkpoint ``RUNS/NAME/seedS/model_best.pth.tar`` whose run finished (``done``, scripts/train_seeds.py)
 and each data set (digits: data/digits, mnist: data/mnist; their validation split), one pass records every image's
-prediction and confidence at every trained k (``evaluation.cascade.collect_records``, EMA weights, cached in the run
-folder as ``cascade_records.json``, so the script resumes where it stopped). Then, all offline and exact:
+prediction and confidence at every trained k (``evaluation.cascade.collect_records``, EMA weights). The records are
+written to ``OUT/records/NAME_seedS.json`` (with the GMACs per k and where they came from) and kept in git: every
+table is recomputed from them alone, so seeds trained in different sessions (whose ``output/`` is gone) add up, and a
+seed whose records are there is not recorded again. Then, all offline and exact:
 
 * fixed k: top-1 of every k (the mean over the same two halves the cascades are measured on);
 * cascades: the search space of ``deploy pick`` (``cascade_candidates``: 2-stage ladders and 3-stage ladders ending
@@ -24,7 +26,9 @@ import argparse
 import csv
 import json
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -33,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from hydravit.checkpoint import write_json  # noqa: E402
 from hydravit.evaluation import accuracy  # noqa: E402
 from hydravit.evaluation.cascade import (  # noqa: E402
     CascadeRecords,
@@ -56,12 +61,15 @@ FIELDS = ('dataset', 'seed', 'budget', 'budget_gmacs', 'fixed_k', 'fixed_top1', 
           'cascade_gmacs', 'margin', 'fold_choices')
 
 
-def records_of(run: Path, data: str) -> tuple:
-    """(records, gmacs per k) of the run's checkpoint on DATA's validation split, cached in the run folder."""
-    cache = run / 'cascade_records.json'
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        return CascadeRecords.from_state_dict(saved['records']), {int(k): v for k, v in saved['gmacs'].items()}
+def load_records(path: Path) -> tuple:
+    """(records, gmacs per k) from a records file ``record_run`` wrote."""
+    saved = json.loads(path.read_text())
+    return CascadeRecords.from_state_dict(saved['records']), {int(k): v for k, v in saved['gmacs'].items()}
+
+
+def record_run(run: Path, data: str, path: Path) -> None:
+    """Record the run's checkpoint on DATA's validation split into ``path`` (atomically; scores to float32's 9
+    significant digits, which read back to the same float32)."""
     args = _eval_args(run, data)
     session = create_session(args, trained_only=True)
     loader = create_eval_loader(session, create_eval_dataset(session))
@@ -69,8 +77,18 @@ def records_of(run: Path, data: str) -> tuple:
     records = collect_records(session.model, loader, session.heads, session.device,
                               prepare_input=session.prepare_input)
     gmacs = accuracy.head_gmacs(session.model, session.heads, session.input_size)
-    cache.write_text(json.dumps({'records': records.state_dict(), 'gmacs': {str(k): v for k, v in gmacs.items()}}))
-    return records, gmacs
+    state = records.state_dict()
+    state['scores'] = {r: {k: [float(f'{v:.9g}') for v in values] for k, values in per_k.items()}
+                       for r, per_k in state['scores'].items()}
+    source = {'checkpoint': str(run / 'model_best.pth.tar'), 'weights': 'ema', 'data': data, 'split': 'validation',
+              'recorded': time.strftime('%Y-%m-%d'), 'commit': _commit()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {'source': source, 'gmacs': {str(k): v for k, v in gmacs.items()}, 'records': state})
+
+
+def _commit() -> Optional[str]:
+    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 def _eval_args(run: Path, data: str) -> argparse.Namespace:
@@ -188,14 +206,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for name in args.datasets:
         for seed in args.seeds:
-            run = args.runs / name / f'seed{seed}'
-            if not (run / 'done').is_file():
-                print(f'{run}: not finished, left out', flush=True)
-                continue
-            records, gmacs = records_of(run, DATA[name])
-            rows += report_run(name, seed, records, gmacs)
+            run, path = args.runs / name / f'seed{seed}', args.out / 'records' / f'{name}_seed{seed}.json'
+            if not path.is_file():
+                if not (run / 'done').is_file():
+                    print(f'{name} seed {seed}: no records ({path}) and no finished run ({run}): left out', flush=True)
+                    continue
+                record_run(run, DATA[name], path)
+            rows += report_run(name, seed, *load_records(path))
     if not rows:
-        parser.error(f'no finished run under {args.runs}')
+        parser.error(f'no records under {args.out / "records"} and no finished run under {args.runs}')
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / 'cascade.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

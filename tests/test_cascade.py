@@ -128,6 +128,73 @@ def test_runner_stops_when_every_image_exited():
     assert calls == [3] and out.stage.tolist() == [0, 0] and out.batch_sizes == [2]
 
 
+# --- re-run caps ------------------------------------------------------------------------------------------------------
+# 6 images at k=3 with 2 classes: entropies rise with the image's index except that images 1 and 4 tie (same logits)
+CAP_LOGITS = {3: torch.tensor([[9., 0], [2., 0], [1.5, 0], [1., 0], [2., 0], [0., 0]]),
+              12: torch.tensor([[0., 9]] * 6)}
+CAP_TARGET = torch.ones(6, dtype=torch.long)
+
+
+def test_rerun_cap_sends_on_the_least_confident_and_ties_by_position():
+    records = records_of(CAP_LOGITS, CAP_TARGET)
+    batches = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    # only image 0 is confident enough: 5 images want k=12, the cap lets floor(2 / 3 * 6) = 4 go on
+    spec = CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(2 / 3,))
+    assert spec.rerun_limit(0, 6) == 4 and spec.name == '3->12 entropy<=0.01 rerun<=0.667'
+    # the least confident: images 5, 3, 2, then of the tie 1 / 4 (entropy of [2, 0]) the earlier in the batch
+    assert exit_stages(records, spec, batches).tolist() == [[0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 0]]
+    uncapped = CascadeSpec((3, 12), 'entropy', (0.01,))
+    assert exit_stages(records, uncapped, batches).tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+    # the same batches through the runner, image i being the row [i]
+    for row in batches:
+        out = CascadeRunner(table_stages(CAP_LOGITS), spec)(row.float()[:, None])
+        assert out.stage.tolist() == exit_stages(records, spec, row[None])[0].tolist() and out.batch_sizes == [6, 4]
+    # max_prob: the least confident are those of lowest top-1 probability, the same images
+    prob = CascadeSpec((3, 12), 'max_prob', (0.9999,), rerun_cap=(2 / 3,))
+    assert exit_stages(records, prob, batches).tolist() == exit_stages(records, spec, batches).tolist()
+    # figures over the batches' answers: k=12 is right on every image, k=3 on none; 8 of the 12 answers ran k=12
+    result = evaluate_cascade(records, spec, {3: 1., 12: 10.}, batches)
+    assert result.num_images == 12 and result.top1 == pytest.approx(200 / 3)
+    assert result.mean_gmacs == pytest.approx(1 + 10 * 8 / 12)
+    assert result.stage_share == pytest.approx([100 / 3, 200 / 3])
+    # a cap of 0: nothing goes on; a cap of 1 changes nothing
+    assert exit_stages(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(0.,)), batches).sum() == 0
+    assert torch.equal(exit_stages(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(1.,)), batches),
+                       exit_stages(records, uncapped, batches))
+
+
+def test_rerun_cap_is_refused_without_batches_and_when_malformed():
+    records = records_of(CAP_LOGITS, CAP_TARGET)
+    with pytest.raises(ValueError, match=r'^3->12 entropy<=0\.01 rerun<=0\.5: a re-run cap depends on which images '
+                                         r'share a batch; pass batches$'):
+        evaluate_cascade(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(0.5,)), {3: 1., 12: 1.})
+    for cap in [(0.5, 0.5), (1.5,), (-0.1,)]:
+        with pytest.raises(ValueError, match=r'^rerun_cap takes one share in \[0, 1\] per stage but the last \(1\)'):
+            CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=cap)
+
+
+def test_capped_three_stage_cascade_on_a_model_equals_the_offline_evaluation_batch_by_batch():
+    model, images = small_model(), torch.randn(16, 3, 32, 32)
+    full = {k: eager_stages(model, LADDER)[k](images) for k in LADDER}
+    thresholds = two_thresholds(full, LADDER)
+    records = records_of(full, torch.zeros(16, dtype=torch.long))
+    batches = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i))[:8] for i in range(4)])
+    uncapped = exit_stages(records, CascadeSpec(LADDER, 'entropy', thresholds), batches)
+    assert (uncapped == 2).any() and ((uncapped >= 1).sum(1) > 1).any()
+    # binding at stage 1 (one image of 8 goes on), binding at stage 2 (none reaches k=12), and not binding
+    for cap, binds in [((0.125, 0.125), True), ((0.25, 0.), True), ((0.25, 0.125), False)]:
+        spec = CascadeSpec(LADDER, 'entropy', thresholds, rerun_cap=cap)
+        capped = exit_stages(records, spec, batches)
+        assert bool((capped != uncapped).any()) == binds
+        assert ((capped >= 1).sum(1) <= int(8 * cap[0])).all() and ((capped >= 2).sum(1) <= int(8 * cap[1])).all()
+        for row, stages in zip(batches, capped, strict=True):
+            out = CascadeRunner(eager_stages(model, LADDER), spec)(images[row])
+            assert out.stage.tolist() == stages.tolist()
+            assert out.batch_sizes == [8] + [int((stages >= s).sum()) for s in (1, 2) if (stages >= s).any()]
+            for position, (i, s) in enumerate(zip(row.tolist(), out.stage.tolist(), strict=True)):
+                assert torch.allclose(out.logits[position], full[LADDER[s]][i], atol=1e-5)
+
+
 # --- buckets --------------------------------------------------------------------------------------------------------
 def test_bucket_padding_runs_bucket_shapes_and_drops_the_padding():
     seen = []
@@ -233,8 +300,10 @@ def test_onnx_cascade_equals_the_per_k_answers_it_selected(tmp_path):
     assert set(out.stage.tolist()) == {0, 1} and out.batch_sizes[1] < 12
     check_selected(out, full, ladder, spec)
     eager = CascadeRunner(eager_stages(model, ladder), spec)(images)
-    # onnxruntime's kernels sum in another order than PyTorch's: the same answers, logits to ~1e-4 of ~10
-    assert torch.equal(out.stage, eager.stage) and torch.allclose(out.logits, eager.logits, atol=1e-3)
+    # onnxruntime's kernels sum in another order than PyTorch's (and pick kernels by CPU): the same answers, logits
+    # within 3e-4 of their scale (~10 here; 1.3e-3 seen on one machine; a wrong width is off by ~1)
+    assert torch.equal(out.stage, eager.stage)
+    assert (out.logits - eager.logits).abs().max() <= 3e-4 * eager.logits.abs().max()
     with pytest.raises(ValueError, match=r'k6\.onnx holds the k=6 subnetwork, not k=3$'):
         onnx_stages({3: tmp_path / 'k6.onnx'}, [3])
     with pytest.raises(FileNotFoundError, match=r'^no ONNX file for k=12: .*k12\.onnx$'):

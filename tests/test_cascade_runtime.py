@@ -15,7 +15,7 @@ import hydravit  # noqa: F401  registers the models
 from hydravit.deploy import serve_bench
 from hydravit.deploy.cascade import CascadeRunner
 from hydravit.deploy.runtime import CascadeController, ElasticCascadeRunner, OperatingPoint, operating_frontier
-from hydravit.evaluation.cascade import CascadeSpec
+from hydravit.evaluation.cascade import CascadeRecords, CascadeSpec, exit_stages
 
 B = 10
 COST = {3: 2., 6: 4., 12: 10.}  # ms per call of a full batch at k without load; a sub-batch of n pays n / B of it
@@ -100,6 +100,20 @@ def test_controller_starts_at_the_most_accurate_point_that_fits():
     assert CascadeController(POINTS, 1.).point.spec.name == 'k=3'  # nothing fits: the cheapest
 
 
+def test_controller_prices_points_by_their_p90_not_their_median():
+    # A cascade whose calls spread (median 6 ms, p90 11 ms: some batches re-run many images) is not entered from
+    # k=6 (7 ms) under a 10 ms budget: scaled by medians it would look like 6 ms, by p90s it is 11 ms.
+    spread = OperatingPoint(CascadeSpec((3, 12), 'max_prob', (0.8,)), 85., 6., 11.)
+    points = [OperatingPoint(CascadeSpec((3,)), 70., 2., 2.04), OperatingPoint(CascadeSpec((6,)), 80., 7., 7.2),
+              spread]
+    controller = CascadeController(points, 10.)
+    assert [p.spec.name for p in controller.points] == ['k=3', 'k=6', spread.spec.name]  # by p90
+    assert controller.point.spec.name == 'k=6' and controller.costs == {0: 2.04, 1: 7.2, 2: 11.}
+    for i in range(60):
+        controller.update(7., i * 0.01)
+    assert controller.point.spec.name == 'k=6'
+
+
 def test_runner_moves_to_cheaper_points_under_a_3x_slowdown_and_returns_after():
     runner = serve(lambda t: 3. if 3 <= t < 8 else 1., 12, budget_ms=12.)
     history = list(runner.history)
@@ -138,6 +152,49 @@ def test_runner_refuses_points_its_stages_cannot_run():
         ElasticCascadeRunner(CascadeRunner(stub_stages(clock, lambda t: 1.), CascadeSpec((3,))), 0., POINTS)
 
 
+# --- serve-bench's operating points: capped re-runs, priced on batch draws ------------------------------------------
+def synthetic_records(n: int = 50) -> CascadeRecords:
+    """k=3 right on the confident half of the images, k=12 right on all; entropies spread over (0, 1)."""
+    g = torch.Generator().manual_seed(0)
+    entropy = torch.rand(n, generator=g)
+    target = torch.zeros(n, dtype=torch.long)
+    pred3 = (entropy > 0.5).long()  # wrong where unsure
+    return CascadeRecords([3, 12], target, {3: pred3, 12: target.clone()}, {3: pred3 == 0, 12: target == 0},
+                          {'entropy': {3: entropy, 12: torch.zeros(n)}, 'max_prob': {3: 1 - entropy / 2,
+                                                                                      12: torch.ones(n)}})
+
+
+def test_batch_draws_cover_every_image_about_equally():
+    draws = serve_bench.batch_draws(50, 16, 200, seed=0)
+    counts = torch.bincount(draws.flatten(), minlength=50)
+    assert draws.shape == (200, 16) and counts.max() - counts.min() <= 1
+    assert torch.equal(draws, serve_bench.batch_draws(50, 16, 200, seed=0))
+
+
+def test_capped_point_caps_reruns_at_their_p90_and_prices_the_capped_batches():
+    records, b = synthetic_records(), 16
+    draws = serve_bench.batch_draws(records.num_images, b, 200, seed=0)
+    table = {3: np.array([[1, 8, 16], [1., 2., 3.], [1.1, 2.2, 3.3]]),
+             12: np.array([[1, 8, 16], [2., 10., 20.], [2.2, 11., 22.]])}
+    spec = CascadeSpec((3, 12), 'entropy', (0.5,))
+    point = serve_bench.capped_point(records, spec, draws, table)
+    reruns = (exit_stages(records, spec, draws) >= 1).sum(1)
+    cap = round(point.spec.rerun_cap[0] * b)
+    assert (reruns <= cap).double().mean() >= 0.9 and (reruns < cap).double().mean() < 0.9 and reruns.max() > cap
+    capped = exit_stages(records, point.spec, draws)
+    assert ((capped >= 1).sum(1) == reruns.clamp(max=cap)).all()
+    # top-1: the draws' answers (k=12 right on all, k=3 wrong on the unsure it keeps)
+    assert point.top1 == pytest.approx(100. * float((capped == 1).double().mean()
+                                                    + ((capped == 0) & (records.pred[3][draws] == 0)).double().mean()))
+    median, p90 = serve_bench.cascade_latency(capped, spec.ladder, table)
+    assert (point.latency_ms, point.latency_ms_p90) == (median, p90)
+    # the cap leaves the 9 batches in 10 under it as they were (the same p90) and cuts the tenth down to it
+    assert p90 == serve_bench.cascade_latency(exit_stages(records, spec, draws), spec.ladder, table)[1]
+    assert p90 == pytest.approx(3.3 + np.interp(cap, [1, 8, 16], [2.2, 11., 22.]))
+    # a threshold that lets every image exit needs no cap
+    assert serve_bench.capped_point(records, CascadeSpec((3, 12), 'entropy', (2.,)), draws, table).spec.rerun_cap == ()
+
+
 # --- serve-bench's cascade policies on real images ----------------------------------------------------------
 @pytest.fixture(scope='module')
 def trained_checkpoint(tmp_path_factory) -> Path:
@@ -172,10 +229,10 @@ def test_serve_bench_cascade_policies_count_what_they_served(image_folder, train
     assert result['policies']['pick-cascade'] == [best['cascade']]
     frontier = result['policies']['elastic-cascade']
     by_name = {p['cascade']: p for p in points}
-    assert [by_name[n]['latency_ms_median'] for n in frontier] == sorted(by_name[n]['latency_ms_median']
-                                                                         for n in frontier)
+    assert [by_name[n]['latency_ms_p90'] for n in frontier] == sorted(by_name[n]['latency_ms_p90']
+                                                                      for n in frontier)
     assert all(by_name[a]['top1'] < by_name[b]['top1'] for a, b in zip(frontier, frontier[1:], strict=False))
-    assert min(p['latency_ms_median'] for p in points) == by_name[frontier[0]]['latency_ms_median']
+    assert min(p['latency_ms_p90'] for p in points) == by_name[frontier[0]]['latency_ms_p90']
     assert list(result['repeats'][0]['runs']) == list(serve_bench.POLICIES)
     summary = {row['policy']: row for row in result['repeats'][0]['summary']}
     for name, served in (('pick-cascade', [best['cascade']]), ('elastic-cascade', frontier)):

@@ -4,7 +4,9 @@
 heads; the images whose confidence does not pass the stage's threshold (``hydravit.evaluation.cascade``: entropy
 ``<=`` T or top-1 probability ``>=`` T) are gathered into a sub-batch and run at the next width, and so on; the last
 stage answers every image that reaches it. Each image's logits come from the stage where it exited, exactly the
-logits that width gives it alone (the model has no batch-coupled layer).
+logits that width gives it alone (the model has no batch-coupled layer). A spec's ``rerun_cap`` bounds each later
+stage's sub-batch (``floor(share * B)`` images of the batch of B, the least confident go on): a serving runtime uses
+it to bound a call's latency whatever the batch holds.
 
 ``stages`` maps each k of the ladder to a callable ``images -> logits``; one builder per backend:
 
@@ -30,7 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from ..evaluation.cascade import CascadeSpec, confidence, exits
+from ..evaluation.cascade import CascadeSpec, cap_reruns, confidence, exits
 from ..evaluation.cuda_graph import GraphBackend, GraphCache
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
@@ -188,7 +190,9 @@ class CascadeRunner:
             if s == len(spec.ladder) - 1:
                 logits[index] = out
                 break
-            leave = exits(confidence(out, spec.rule), spec.rule, spec.thresholds[s])
+            values = confidence(out, spec.rule)
+            leave = ~cap_reruns(values, spec.rule, ~exits(values, spec.rule, spec.thresholds[s]),
+                                spec.rerun_limit(s, n))
             logits[index[leave]] = out[leave]
             stage[index[leave]] = s
             index = index[~leave]

@@ -318,8 +318,9 @@ class OperatingPoint:
 
 
 def operating_frontier(points: Sequence[OperatingPoint], min_top1: Optional[float] = None) -> List[OperatingPoint]:
-    """The points a load controller moves along: those at or above ``min_top1``, ordered by latency, each strictly
-    more accurate than every cheaper one (a point that costs more for no more accuracy is never worth entering).
+    """The points a load controller moves along: those at or above ``min_top1``, ordered by p90 latency (the
+    controller's criterion; then by median), each strictly more accurate than every cheaper one (a point that costs
+    more for no more accuracy is never worth entering).
     ``ValueError`` for no points or when none reaches the floor."""
     if not points:
         raise ValueError('no operating points given')
@@ -329,7 +330,7 @@ def operating_frontier(points: Sequence[OperatingPoint], min_top1: Optional[floa
         raise ValueError(f'min_top1 {min_top1:g}: no operating point reaches it (best: {best.top1:g} % at '
                          f'{best.spec.name})')
     frontier: List[OperatingPoint] = []
-    for point in sorted(allowed, key=lambda p: (p.latency_ms, -p.top1)):
+    for point in sorted(allowed, key=lambda p: (p.latency_ms_p90, p.latency_ms, -p.top1)):
         if not frontier or point.top1 > frontier[-1].top1:
             frontier.append(point)
     return frontier
@@ -341,14 +342,16 @@ class CascadeController(HeadController):
     -- step down at once to the most accurate point predicted to fit with headroom, step up after a full window
     with margin, hysteresis, back-off, costs learned on entry -- applies unchanged. Moving one level changes a
     cascade's thresholds (a finer knob than one step of k) or, between ladders, its widths; fixed k are levels too.
-    The seed costs are the points' ``latency_ms``; the start is the most accurate point whose ``latency_ms_p90`` is
-    within the budget less ``up_margin``, else the cheapest. ``point`` is the current operating point."""
+    The seed costs are the points' ``latency_ms_p90``: the controller's criterion is the p90 of its calls, and a
+    cascade's calls spread more than a fixed k's (their re-run share varies by batch), so scaling by medians would
+    underestimate a cascade's p90. The start is the most accurate point whose ``latency_ms_p90`` is within the budget
+    less ``up_margin``, else the cheapest. ``point`` is the current operating point."""
 
     def __init__(self, points: Sequence[OperatingPoint], budget_ms: float, min_top1: Optional[float] = None,
                  up_margin: float = 0.05, **kwargs) -> None:
         self.points = operating_frontier(points, min_top1)
-        rows = [{'heads': i, 'latency_ms_median': p.latency_ms, 'latency_ms_p90': p.latency_ms_p90, 'top1': p.top1}
-                for i, p in enumerate(self.points)]
+        rows = [{'heads': i, 'latency_ms_median': p.latency_ms_p90, 'latency_ms_p90': p.latency_ms_p90,
+                 'top1': p.top1} for i, p in enumerate(self.points)]
         costs, start = _from_profile(rows, budget_ms * (1 - up_margin))
         super().__init__(range(len(self.points)), budget_ms, costs, start, up_margin=up_margin,
                          accuracy={i: p.top1 for i, p in enumerate(self.points)}, **kwargs)

@@ -31,9 +31,11 @@ call of every run and the summaries; ``OUTPUT/serve_bench.png`` plots the first 
 """
 import argparse
 import itertools
+import math
 import os
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -44,7 +46,7 @@ from torch.utils.data import DataLoader, Subset
 from ..checkpoint import write_json
 from ..evaluation import throughput
 from ..evaluation.accuracy import evaluate_heads
-from ..evaluation.cascade import CascadeSpec, collect_records, evaluate_cascade, exit_stages
+from ..evaluation.cascade import CascadeRecords, CascadeSpec, collect_records, evaluate_cascade, exit_stages
 from ..evaluation.common import (
     EvalSession,
     Row,
@@ -70,6 +72,7 @@ from .runtime import ElasticCascadeRunner, ElasticRunner, OperatingPoint, operat
 DEFAULT_SCHEDULE = ('off:10', 'on:15', 'off:10')
 POLICIES = ('pick', 'largest', 'elastic', 'pick-cascade', 'elastic-cascade')
 CASCADE_DRAWS = 200  # random batches of the fit images a cascade's latency is estimated on
+RERUN_CAP_QUANTILE = 0.9  # a cascade's re-runs per batch are capped where 9 in 10 of those batches stay
 EXIT_SHARES = tuple(i / 10 for i in range(1, 10))  # a ladder's thresholds: where these shares exit at its first k
 # One call: seconds since the run started, k (a cascade policy: the operating point's index), latency (ms), correct
 # answers, images in the batch; a cascade policy's calls add the mean k that answered the batch's images.
@@ -315,10 +318,9 @@ def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibrat
     """The operating points of the cascade policies, all calibrated on the ``fit`` images without load: every
     served k as a fixed width (its calibrated top-1 and latency), and every 2-stage ladder k1 < k2 of the served k
     under the entropy rule at the thresholds where 10 %, 20 %, ..., 90 % of the fit images exit at k1 (9 per
-    ladder: few, since a selection over many overfits small sets). A cascade's top-1 is evaluated exactly from the
-    per-image records (``evaluate_cascade``); its latency is the per-k latency at each stage's sub-batch size
-    (``sub_batch_latency``) summed over the stages, on ``CASCADE_DRAWS`` seeded random batches of the fit images:
-    the median of the medians' sums and the p90 of the p90s' sums."""
+    ladder: few, since a selection over many overfits small sets), each with its re-runs capped (``capped_point``).
+    Everything is evaluated exactly from the per-image records on ``CASCADE_DRAWS`` seeded batches of the fit
+    images (``batch_draws``), without running the model again."""
     by_k = {row['heads']: row for row in calibration}
     points = [OperatingPoint(CascadeSpec((k,)), row['top1'], row['latency_ms_median'], row['latency_ms_p90'])
               for k, row in by_k.items()]
@@ -329,16 +331,38 @@ def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibrat
                               amp_autocast=lambda: autocast(args, session.device), prepare_input=lambda x: x)
     example = next(images for images, _ in fit)
     table = sub_batch_latency(session, forward, calibration, example, batch_size)
-    draws = torch.randint(records.num_images, (CASCADE_DRAWS, batch_size),
-                          generator=torch.Generator().manual_seed(args.seed))
+    draws = batch_draws(records.num_images, batch_size, CASCADE_DRAWS, args.seed)
     for ladder in itertools.combinations(session.heads, 2):
         entropy = records.scores['entropy'][ladder[0]]
         for threshold in sorted({float(torch.quantile(entropy, share)) for share in EXIT_SHARES}):
             spec = CascadeSpec(ladder, 'entropy', (threshold,))
-            top1 = evaluate_cascade(records, spec, {k: 0. for k in ladder}).top1
-            median, p90 = cascade_latency(exit_stages(records, spec)[draws], ladder, table, _buckets(args, batch_size))
-            points.append(OperatingPoint(spec, top1, median, p90))
+            points.append(capped_point(records, spec, draws, table, _buckets(args, batch_size)))
     return points
+
+
+def batch_draws(num_images: int, batch_size: int, count: int, seed: int) -> torch.Tensor:
+    """``(count, batch_size)`` record indices: seeded random batches cut from consecutive permutations of the images,
+    so every image appears about equally often (an uncapped cascade's figures on them are its figures on the images)."""
+    generator = torch.Generator().manual_seed(seed)
+    rounds = math.ceil(count * batch_size / num_images)
+    order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(rounds)])
+    return order[:count * batch_size].view(count, batch_size)
+
+
+def capped_point(records: CascadeRecords, spec: CascadeSpec, draws: torch.Tensor, table: Dict[int, np.ndarray],
+                 buckets: Optional[Sequence[int]] = None) -> OperatingPoint:
+    """A 2-stage ``spec`` as an operating point: its re-runs per batch capped at their ``RERUN_CAP_QUANTILE`` over
+    ``draws`` (``(M, B)`` record indices), so the one batch in ten that would re-run more is answered partly at the
+    first stage instead of running over the budget (``CascadeSpec.rerun_cap``). Top-1: of the draws' answers;
+    latency: per batch the per-k latency at each stage's sub-batch size (``table``, ``sub_batch_latency``), summed;
+    the median of the medians' sums and the p90 of the p90s' sums."""
+    reruns = (exit_stages(records, spec, draws) >= 1).sum(1).double()
+    cap = int(torch.quantile(reruns, RERUN_CAP_QUANTILE, interpolation='higher'))
+    if cap < reruns.max():
+        spec = replace(spec, rerun_cap=(cap / draws.shape[1],))
+    top1 = evaluate_cascade(records, spec, {k: 0. for k in spec.ladder}, draws).top1
+    median, p90 = cascade_latency(exit_stages(records, spec, draws), spec.ladder, table, buckets)
+    return OperatingPoint(spec, top1, median, p90)
 
 
 def sub_batch_latency(session: EvalSession, forward, calibration: Sequence[Row], example: torch.Tensor,
@@ -403,7 +427,8 @@ def pick_cascade(points: Sequence[OperatingPoint], budget_ms: float, min_top1: O
 
 def _point_row(point: OperatingPoint) -> Row:
     return round_row({'cascade': point.spec.name, 'ladder': list(point.spec.ladder), 'rule': point.spec.rule,
-                      'thresholds': list(point.spec.thresholds), 'top1': point.top1,
+                      'thresholds': list(point.spec.thresholds), 'rerun_cap': list(point.spec.rerun_cap),
+                      'top1': point.top1,
                       'latency_ms_median': point.latency_ms, 'latency_ms_p90': point.latency_ms_p90})
 
 

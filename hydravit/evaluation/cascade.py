@@ -9,6 +9,12 @@ functions choose (``hydravit.deploy.cascade``); ``validate.py --cascade`` prints
 
 Exit rules (``RULES``): ``entropy``, the softmax's entropy in nats, exits when ``<= threshold`` (ThinkingViT's rule);
 ``max_prob``, the top-1 softmax probability, exits when ``>= threshold``.
+
+**Re-run caps** (``CascadeSpec.rerun_cap``): a serving runtime with a latency budget can bound the sub-batch a later
+stage runs: at most ``floor(share * B)`` images of a batch of B go on past stage s; when more are unconfident, the
+least confident of them (highest entropy, lowest top-1 probability; the earlier in the batch on ties) go on and the
+others are answered where they are. A capped cascade's answers depend on which images share a batch, so it is
+evaluated on explicit batches of record indices (``exit_stages(..., batches=)``), e.g. random draws.
 """
 import contextlib
 import math
@@ -43,11 +49,14 @@ def exits(values: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class CascadeSpec:
     """A ladder of head counts (strictly increasing, 1 to 3 stages: a single k is a fixed-width model), the exit rule,
-    and one threshold per stage but the last (the last stage answers every image that reaches it)."""
+    and one threshold per stage but the last (the last stage answers every image that reaches it). ``rerun_cap``:
+    none (``()``), or per stage but the last the largest share of a batch (in [0, 1]) that goes on past it (see the
+    module doc)."""
 
     ladder: Tuple[int, ...]
     rule: str = 'entropy'
     thresholds: Tuple[float, ...] = ()
+    rerun_cap: Tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         ladder = tuple(int(k) for k in self.ladder)
@@ -62,13 +71,38 @@ class CascadeSpec:
                              f'got {len(self.thresholds)}')
         if any(not math.isfinite(t) for t in self.thresholds):
             raise ValueError(f'thresholds must be finite, got {list(self.thresholds)}')
+        object.__setattr__(self, 'rerun_cap', tuple(float(c) for c in self.rerun_cap))
+        if self.rerun_cap and (len(self.rerun_cap) != len(ladder) - 1
+                               or not all(0 <= c <= 1 for c in self.rerun_cap)):
+            raise ValueError(f'rerun_cap takes one share in [0, 1] per stage but the last ({len(ladder) - 1}), '
+                             f'got {list(self.rerun_cap)}')
 
     @property
     def name(self) -> str:
         if len(self.ladder) == 1:
             return f'k={self.ladder[0]}'
         ts = '/'.join(f'{t:.4g}' for t in self.thresholds)
-        return f'{"->".join(map(str, self.ladder))} {self.rule}{"<=" if self.rule == "entropy" else ">="}{ts}'
+        cap = f' rerun<={"/".join(f"{c:.3g}" for c in self.rerun_cap)}' if self.rerun_cap else ''
+        return f'{"->".join(map(str, self.ladder))} {self.rule}{"<=" if self.rule == "entropy" else ">="}{ts}{cap}'
+
+    def rerun_limit(self, stage: int, batch_size: int) -> Optional[int]:
+        """Most images of a batch of ``batch_size`` that may go on past ``stage`` (None: no cap)."""
+        if not self.rerun_cap:
+            return None
+        return math.floor(self.rerun_cap[stage] * batch_size + 1e-9)
+
+
+def cap_reruns(values: torch.Tensor, rule: str, stay: torch.Tensor, limit: Optional[int]) -> torch.Tensor:
+    """Which of the images in ``stay`` go on when at most ``limit`` may: the ``limit`` least confident of them
+    (``values`` from ``confidence``; ties: the earlier along the last dimension). ``values``/``stay``: ``(..., B)``;
+    the limit applies per row. Returns a mask like ``stay``."""
+    if limit is None:
+        return stay
+    doubt = values if rule == 'entropy' else -values
+    doubt = doubt.masked_fill(~stay, -math.inf)
+    order = torch.sort(doubt, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+    return stay & (rank < limit)
 
 
 @dataclass
@@ -145,18 +179,25 @@ def collect_records(
                           {r: {k: torch.cat(v) for k, v in per_k.items()} for r, per_k in scores.items()})
 
 
-def exit_stages(records: CascadeRecords, spec: CascadeSpec) -> torch.Tensor:
+def exit_stages(records: CascadeRecords, spec: CascadeSpec, batches: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The stage index (0-based) at which each image exits: the first stage whose confidence passes its threshold,
-    else the last. ``(N,)`` long."""
+    else the last; with a re-run cap, also the stage past which the cap stops it. ``(N,)`` long; with ``batches``
+    (``(M, B)`` record indices, one batch per row, an image may appear in several) ``(M, B)``, each batch on its own.
+    ``ValueError`` for a k the records lack or a capped spec without ``batches``."""
     missing = [k for k in spec.ladder if k not in records.pred]
     if missing:
         raise ValueError(f'the records hold no outputs of head count(s) {missing} (recorded: {records.heads})')
-    stage = torch.full((records.num_images,), len(spec.ladder) - 1, dtype=torch.long)
-    pending = torch.ones(records.num_images, dtype=torch.bool)
+    if spec.rerun_cap and batches is None:
+        raise ValueError(f'{spec.name}: a re-run cap depends on which images share a batch; pass batches')
+    index = torch.arange(records.num_images) if batches is None else batches
+    stage = torch.full(index.shape, len(spec.ladder) - 1, dtype=torch.long)
+    pending = torch.ones(index.shape, dtype=torch.bool)
     for s, (k, threshold) in enumerate(zip(spec.ladder[:-1], spec.thresholds, strict=True)):
-        leave = pending & exits(records.scores[spec.rule][k], spec.rule, threshold)
-        stage[leave] = s
-        pending &= ~leave
+        values = records.scores[spec.rule][k][index]
+        go_on = cap_reruns(values, spec.rule, pending & ~exits(values, spec.rule, threshold),
+                           spec.rerun_limit(s, index.shape[-1]))
+        stage[pending & ~go_on] = s
+        pending = go_on
     return stage
 
 
@@ -182,9 +223,14 @@ class CascadeResult:
                 'stage_top1': self.stage_top1, 'num_images': self.num_images}
 
 
-def evaluate_cascade(records: CascadeRecords, spec: CascadeSpec, gmacs: Dict[int, float]) -> CascadeResult:
-    """The cascade ``spec`` on the recorded images, exactly (``gmacs``: forward GMACs per image of each k)."""
-    stage = exit_stages(records, spec)
+def evaluate_cascade(records: CascadeRecords, spec: CascadeSpec, gmacs: Dict[int, float],
+                     batches: Optional[torch.Tensor] = None) -> CascadeResult:
+    """The cascade ``spec`` on the recorded images, exactly (``gmacs``: forward GMACs per image of each k). With
+    ``batches`` (``(M, B)`` record indices, see ``exit_stages``; needed for a re-run cap) the figures are over the
+    M * B answers of those batches."""
+    stage = exit_stages(records, spec, batches)
+    if batches is not None:
+        records, stage = records.subset(batches.reshape(-1)), stage.reshape(-1)
     n = records.num_images
     answer_correct = torch.zeros(n, dtype=torch.bool)
     answer_top5 = torch.zeros(n, dtype=torch.bool)
