@@ -191,6 +191,17 @@ def test_capped_point_caps_reruns_at_their_p90_and_prices_the_capped_batches():
     # the cap leaves the 9 batches in 10 under it as they were (the same p90) and cuts the tenth down to it
     assert p90 == serve_bench.cascade_latency(exit_stages(records, spec, draws), spec.ladder, table)[1]
     assert p90 == pytest.approx(3.3 + np.interp(cap, [1, 8, 16], [2.2, 11., 22.]))
+    # three stages: each stage's cap at the p90 of what goes on past it, given the caps before it
+    wide = CascadeRecords([3, 6, 12], records.target, {**records.pred, 6: records.pred[3]},
+                          {**records.top5, 6: records.top5[3]},
+                          {r: {**v, 6: v[3].flip(0)} for r, v in records.scores.items()})
+    three = serve_bench.capped_point(wide, CascadeSpec((3, 6, 12), 'entropy', (0.5, 0.5)), draws, table | {6: table[3]})
+    assert len(three.spec.rerun_cap) == 2
+    stages = exit_stages(wide, three.spec, draws)
+    for s, share in enumerate(three.spec.rerun_cap):
+        went_on = (stages > s).sum(1)
+        assert went_on.max() <= share * b and (went_on < share * b).double().mean() < 0.9 <= (
+            went_on <= share * b).double().mean()
     # a threshold that lets every image exit needs no cap
     assert serve_bench.capped_point(records, CascadeSpec((3, 12), 'entropy', (2.,)), draws, table).spec.rerun_cap == ()
 

@@ -30,7 +30,6 @@ and reports mean +- std over the repeats. ``OUTPUT/serve_bench.json`` keeps the 
 call of every run and the summaries; ``OUTPUT/serve_bench.png`` plots the first repeat.
 """
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -46,7 +45,15 @@ from torch.utils.data import DataLoader, Subset
 from ..checkpoint import write_json
 from ..evaluation import throughput
 from ..evaluation.accuracy import evaluate_heads
-from ..evaluation.cascade import CascadeRecords, CascadeSpec, collect_records, evaluate_cascade, exit_stages
+from ..evaluation.cascade import (
+    CascadeRecords,
+    CascadeSpec,
+    cascade_candidates,
+    collect_records,
+    evaluate_cascade,
+    exit_stages,
+    fit_spec,
+)
 from ..evaluation.common import (
     EvalSession,
     Row,
@@ -73,7 +80,6 @@ DEFAULT_SCHEDULE = ('off:10', 'on:15', 'off:10')
 POLICIES = ('pick', 'largest', 'elastic', 'pick-cascade', 'elastic-cascade')
 CASCADE_DRAWS = 200  # random batches of the fit images a cascade's latency is estimated on
 RERUN_CAP_QUANTILE = 0.9  # a cascade's re-runs per batch are capped where 9 in 10 of those batches stay
-EXIT_SHARES = tuple(i / 10 for i in range(1, 10))  # a ladder's thresholds: where these shares exit at its first k
 # One call: seconds since the run started, k (a cascade policy: the operating point's index), latency (ms), correct
 # answers, images in the batch; a cascade policy's calls add the mean k that answered the batch's images.
 Call = Tuple[float, ...]
@@ -316,11 +322,12 @@ def _calibration_call(session: EvalSession, k: int, batch: torch.Tensor, forward
 def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibration: Sequence[Row],
                    batch_size: int) -> List[OperatingPoint]:
     """The operating points of the cascade policies, all calibrated on the ``fit`` images without load: every
-    served k as a fixed width (its calibrated top-1 and latency), and every 2-stage ladder k1 < k2 of the served k
-    under the entropy rule at the thresholds where 10 %, 20 %, ..., 90 % of the fit images exit at k1 (9 per
-    ladder: few, since a selection over many overfits small sets), each with its re-runs capped (``capped_point``).
-    Everything is evaluated exactly from the per-image records on ``CASCADE_DRAWS`` seeded batches of the fit
-    images (``batch_draws``), without running the model again."""
+    served k as a fixed width (its calibrated top-1 and latency), and the cascades of ``pick``'s search space
+    (``cascade_candidates``: ladders over at most 4 of the served k, each at 9 exit shares; few, since a selection
+    over many overfits small sets) under the entropy rule, their thresholds fitted on the fit images
+    (``fit_spec``), each with its re-runs capped (``capped_point``). The cascades are evaluated exactly from the
+    per-image records on ``CASCADE_DRAWS`` seeded batches of the fit images (``batch_draws``), without running the
+    model again."""
     by_k = {row['heads']: row for row in calibration}
     points = [OperatingPoint(CascadeSpec((k,)), row['top1'], row['latency_ms_median'], row['latency_ms_p90'])
               for k, row in by_k.items()]
@@ -332,12 +339,9 @@ def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibrat
     example = next(images for images, _ in fit)
     table = sub_batch_latency(session, forward, calibration, example, batch_size)
     draws = batch_draws(records.num_images, batch_size, CASCADE_DRAWS, args.seed)
-    for ladder in itertools.combinations(session.heads, 2):
-        entropy = records.scores['entropy'][ladder[0]]
-        for threshold in sorted({float(torch.quantile(entropy, share)) for share in EXIT_SHARES}):
-            spec = CascadeSpec(ladder, 'entropy', (threshold,))
-            points.append(capped_point(records, spec, draws, table, _buckets(args, batch_size)))
-    return points
+    specs = dict.fromkeys(fit_spec(records, recipe, 'entropy') for recipe in cascade_candidates(session.heads)
+                          if len(recipe.ladder) > 1)  # equal thresholds fitted from two shares: one point
+    return points + [capped_point(records, spec, draws, table, _buckets(args, batch_size)) for spec in specs]
 
 
 def batch_draws(num_images: int, batch_size: int, count: int, seed: int) -> torch.Tensor:
@@ -351,15 +355,18 @@ def batch_draws(num_images: int, batch_size: int, count: int, seed: int) -> torc
 
 def capped_point(records: CascadeRecords, spec: CascadeSpec, draws: torch.Tensor, table: Dict[int, np.ndarray],
                  buckets: Optional[Sequence[int]] = None) -> OperatingPoint:
-    """A 2-stage ``spec`` as an operating point: its re-runs per batch capped at their ``RERUN_CAP_QUANTILE`` over
-    ``draws`` (``(M, B)`` record indices), so the one batch in ten that would re-run more is answered partly at the
-    first stage instead of running over the budget (``CascadeSpec.rerun_cap``). Top-1: of the draws' answers;
-    latency: per batch the per-k latency at each stage's sub-batch size (``table``, ``sub_batch_latency``), summed;
-    the median of the medians' sums and the p90 of the p90s' sums."""
-    reruns = (exit_stages(records, spec, draws) >= 1).sum(1).double()
-    cap = int(torch.quantile(reruns, RERUN_CAP_QUANTILE, interpolation='higher'))
-    if cap < reruns.max():
-        spec = replace(spec, rerun_cap=(cap / draws.shape[1],))
+    """``spec`` as an operating point: the images that go on past each stage but the last capped, stage by stage,
+    at their ``RERUN_CAP_QUANTILE`` over ``draws`` (``(M, B)`` record indices), so the one batch in ten that would
+    re-run more is answered partly at the earlier stage instead of running over the budget
+    (``CascadeSpec.rerun_cap``; no cap where none binds). Top-1: of the draws' answers; latency: per batch the per-k
+    latency at each stage's sub-batch size (``table``, ``sub_batch_latency``), summed; the median of the medians'
+    sums and the p90 of the p90s' sums."""
+    caps = [1.] * (len(spec.ladder) - 1)
+    for s in range(len(caps)):
+        went_on = (exit_stages(records, replace(spec, rerun_cap=tuple(caps)), draws) > s).sum(1).double()
+        cap = int(torch.quantile(went_on, RERUN_CAP_QUANTILE, interpolation='higher'))
+        caps[s] = cap / draws.shape[1] if cap < went_on.max() else 1.
+    spec = replace(spec, rerun_cap=tuple(caps) if min(caps, default=1.) < 1 else ())
     top1 = evaluate_cascade(records, spec, {k: 0. for k in spec.ladder}, draws).top1
     median, p90 = cascade_latency(exit_stages(records, spec, draws), spec.ladder, table, buckets)
     return OperatingPoint(spec, top1, median, p90)
