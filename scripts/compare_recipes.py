@@ -21,10 +21,16 @@ forward GMACs per image (the evaluation core's DeepSpeed count) x images x 3 (fo
 run's passes per k, plus a teacher's forwards (x 1). Rows recorded before the per-k counts were kept get the
 expected value from their sampler's distribution. A converted entry (``hydravit.convert`` of the dedicated 12-head
 run of the same seed, then a fine-tune) also counts its source's training and the conversion's calibration passes.
+The CSV keeps each run's ``train_gmacs`` (and a source entry's ``source_gmacs``), so budgets can be checked from it
+alone. Entries planned within a budget (``GOALS``: from scratch, at most the dedicated 12-head ViT's training GMACs;
+from that trained ViT, at most half of its GMACs beyond it) are run by name; ``--list`` gives every entry's expected
+training GMACs (the trainer's own sampler settings, a teacher forward every step, the source) against both.
 """
 import argparse
 import csv
+import functools
 import json
+import math
 import os
 import re
 import statistics
@@ -35,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -53,13 +59,20 @@ class Recipe:
     flags: List[str] = field(default_factory=list)
     epochs: int = BASE_EPOCHS
     dedicated: Optional[int] = None  # a separately trained ViT of exactly this many heads
-    teacher: bool = False  # distils from the dedicated 12-head ViT of the same seed
-    source: bool = False  # starts from the dedicated 12-head ViT of the same seed (its EMA weights)
+    teacher: bool = False  # distils from the dedicated 12-head ViT (``base``) of the same seed
+    source: bool = False  # starts from the dedicated 12-head ViT (``base``) of the same seed (its EMA weights)
     convert: Optional[List[str]] = None  # hydravit.convert flags; a source recipe without them keeps its order
+    base: str = 'dedicated_k12'  # the dedicated 12-head entry a teacher or source recipe uses
+    goal: Optional[str] = None  # the training-compute budget it is planned to fit: a key of GOALS
 
     @property
     def needs_k12(self) -> bool:
         return self.teacher or self.source
+
+    @property
+    def baseline(self) -> bool:
+        """A dedicated ViT of the full schedule: what the targets compare against (shorter ones are sources)."""
+        return self.dedicated is not None and self.epochs == BASE_EPOCHS
 
     def train_flags(self) -> List[str]:
         flags = list(self.flags) + ['--epochs', str(self.epochs), '--eval-interval', str(self.epochs)]
@@ -70,40 +83,75 @@ class Recipe:
 
 
 SANDWICH = ['--subnets-per-step', '4', '--subnet-policy', 'sandwich'] + UNIFORM
+SANDWICH_IKD = SANDWICH + ['--inplace-kd']
 CONVERT = ['--score', 'magnitude', '--calib-images', '256']  # zero-shot best on seed 0 (docs/training.md)
 FINE_TUNE_EPOCHS = (5, 10, 20)
 BATCH_SIZE = 16  # configs/digits.yaml: images per subnetwork pass
+STEPS_PER_EPOCH = 84  # the digits' 1,347 training images in batches of 16, the last partial one dropped
+# Training-compute budgets: 'scratch' = the whole run (a source trained for it included) at most this multiple of
+# the dedicated 12-head ViT's training GMACs; 'vit' = from the trained dedicated 12-head ViT, at most this multiple of
+# the source's training GMACs spent beyond it (fine-tune, teacher forwards and the conversion's calibration).
+GOALS = {'scratch': 1.0, 'vit': 0.5}
 RECIPES = {r.name: r for r in [
     Recipe('dedicated_k12', 'separately trained ViT, 12 heads (the teacher of *_teacher)', dedicated=12),
     Recipe('paper_uniform', 'paper: one k per step, uniform', UNIFORM),
     Recipe('paper_weighted', 'paper: one k per step, weights ~ k (configs/digits.yaml, the demo)'),
     Recipe('sandwich', 'sandwich, 4 subnetworks per step, equal compute', SANDWICH, epochs=BASE_EPOCHS // 4),
-    Recipe('sandwich_ikd', 'sandwich + in-place KD, 4 per step, equal compute', SANDWICH + ['--inplace-kd'],
+    Recipe('sandwich_ikd', 'sandwich + in-place KD, 4 per step, equal compute', SANDWICH_IKD,
            epochs=BASE_EPOCHS // 4),
     Recipe('sandwich_ikd_teacher', 'sandwich + in-place KD + dedicated 12-head ViT teacher, equal compute',
-           SANDWICH + ['--inplace-kd'], epochs=BASE_EPOCHS // 4, teacher=True),
+           SANDWICH_IKD, epochs=BASE_EPOCHS // 4, teacher=True),
     Recipe('dedicated_k3', 'separately trained ViT, 3 heads', dedicated=3),
     Recipe('dedicated_k6', 'separately trained ViT, 6 heads', dedicated=6),
     Recipe('dedicated_k9', 'separately trained ViT, 9 heads', dedicated=9),
     Recipe('sandwich_e40', 'sandwich, 4 per step, equal epochs (4x compute)', SANDWICH, epochs=BASE_EPOCHS),
     Recipe('sandwich_ikd_e40', 'sandwich + in-place KD, 4 per step, equal epochs (4x compute)',
-           SANDWICH + ['--inplace-kd'], epochs=BASE_EPOCHS),
+           SANDWICH_IKD, epochs=BASE_EPOCHS),
     Recipe('convert_ft0', 'dedicated 12-head ViT converted (magnitude order), no fine-tuning', epochs=0,
            source=True, convert=CONVERT),
     *(Recipe(f'convert_ft{e}', f'converted (magnitude order), then sandwich of 4 for {e} epochs', SANDWICH, epochs=e,
              source=True, convert=CONVERT) for e in FINE_TUNE_EPOCHS),
     Recipe('source_ft10', 'dedicated 12-head ViT in its own order, sandwich of 4 for 10 epochs (ablation)', SANDWICH,
            epochs=10, source=True),
+    # planned within a budget of GOALS; epochs chosen from expected_gmacs (--list shows the figures)
+    Recipe('sandwich_e20', 'sandwich, 4 per step, 20 epochs (half of sandwich_e40)', SANDWICH, epochs=20,
+           goal='scratch'),
+    Recipe('sandwich3_ikd_e25', 'sandwich of 3 (k = 12, 3 and one drawn of 4..11) + in-place KD, 25 epochs',
+           ['--subnets-per-step', '3', '--subnet-policy', 'sandwich', *UNIFORM, '--inplace-kd'], epochs=25,
+           goal='scratch'),
+    Recipe('warmup18_ikd_e28', 'k = 12 alone for 18 epochs, then sandwich of 4 + in-place KD for 10, in one run '
+           '(progressive shrinking without the reorder)', SANDWICH_IKD + ['--full-warmup-epochs', '18'], epochs=28,
+           goal='scratch'),
+    Recipe('dedicated_k12_e18', 'separately trained ViT, 12 heads, 18 epochs (the source of shrink18_ikd_ft10)',
+           dedicated=12, epochs=18),
+    Recipe('shrink18_ikd_ft10', 'dedicated_k12_e18 converted (magnitude order), then sandwich of 4 + in-place KD '
+           'for 10 epochs (progressive shrinking as Once-for-All)', SANDWICH_IKD, epochs=10, source=True,
+           convert=CONVERT, base='dedicated_k12_e18', goal='scratch'),
+    Recipe('convert_ft8_teacher', 'converted (magnitude order), then sandwich of 4 for 8 epochs, every k distilled '
+           'from the frozen source', SANDWICH, epochs=8, teacher=True, source=True, convert=CONVERT, goal='vit'),
+    Recipe('convert_ft10_ikd', "converted (magnitude order), then sandwich of 4 + in-place KD from the step's k = 12 "
+           'for 10 epochs', SANDWICH_IKD, epochs=10, source=True, convert=CONVERT, goal='vit'),
+    Recipe('convert_ft10_lr3e4', 'converted (magnitude order), then sandwich of 4 at a third of the learning rate '
+           '(3e-4) for 10 epochs', SANDWICH + ['--lr', '3e-4'], epochs=10, source=True, convert=CONVERT, goal='vit'),
 ]}
-DEFAULT_RECIPES = [name for name, r in RECIPES.items() if not name.endswith('_e40') and not r.source]
+# the comparison's original set; sandwich_e40 and the source and budget entries are run by name (--recipes)
+DEFAULT_RECIPES = [name for name, r in RECIPES.items() if not name.endswith('_e40') and not r.source
+                   and r.goal is None and (r.dedicated is None or r.baseline)]
 
 
 def run_dir(runs: Path, recipe: str, seed: int) -> Path:
     return runs / recipe / f'seed{seed}'
 
 
-def teacher_file(runs: Path, seed: int) -> Path:
-    return run_dir(runs, 'dedicated_k12', seed) / 'teacher_ema.safetensors'
+def teacher_file(runs: Path, seed: int, base: str = 'dedicated_k12') -> Path:
+    """The EMA weights of the dedicated 12-head run ``base`` of this seed: a teacher, or a source to start from."""
+    return run_dir(runs, base, seed) / 'teacher_ema.safetensors'
+
+
+def teacher_flags(checkpoint: Path) -> List[str]:
+    """hydravit.train's flags for distilling from the dedicated 12-head ViT whose weights are ``checkpoint``."""
+    return ['--teacher', MODEL, '--teacher-checkpoint', str(checkpoint), '--teacher-kwargs', 'num_classes=10',
+            '--teacher-heads', '12']
 
 
 def command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
@@ -112,11 +160,10 @@ def command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
            '--seed', str(seed), '--output', str(out.parent), '--experiment', out.name, '--checkpoint-hist', '1',
            *recipe.train_flags()]
     if recipe.source:
-        start = out / 'converted.pth' if recipe.convert is not None else teacher_file(runs, seed)
+        start = out / 'converted.pth' if recipe.convert is not None else teacher_file(runs, seed, recipe.base)
         cmd += ['--initial-checkpoint', str(start)]
     if recipe.teacher:
-        cmd += ['--teacher', MODEL, '--teacher-checkpoint', str(teacher_file(runs, seed)),
-                '--teacher-kwargs', 'num_classes=10', '--teacher-heads', '12']
+        cmd += teacher_flags(teacher_file(runs, seed, recipe.base))
     if (out / 'last.pth.tar').is_file() and not (out / 'result.json').is_file():
         cmd += ['--resume', str(out / 'last.pth.tar')]  # continue a run that stopped part-way
     return cmd
@@ -129,7 +176,7 @@ def run_one(recipe: Recipe, seed: int, data: Path, runs: Path, threads: int) -> 
         for path in out.iterdir():
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    while recipe.needs_k12 and not teacher_file(runs, seed).is_file():
+    while recipe.needs_k12 and not teacher_file(runs, seed, recipe.base).is_file():
         time.sleep(10)  # the dedicated 12-head run of this seed, started earlier, is still training
     wall = cpu = 0.
     if recipe.convert is not None and not (out / 'converted.pth').is_file():
@@ -165,7 +212,7 @@ def run_logged(cmd: List[str], log_path: Path, threads: int, recipe: Recipe, see
 def convert_command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
     """hydravit.convert of the dedicated 12-head run's EMA weights of this seed, calibrated on its train split."""
     return [sys.executable, '-m', 'hydravit.convert', str(data), '--model', MODEL, '--checkpoint',
-            str(teacher_file(runs, seed)), '--num-classes', '10', '--seed', str(seed),
+            str(teacher_file(runs, seed, recipe.base)), '--num-classes', '10', '--seed', str(seed),
             '-o', str(run_dir(runs, recipe.name, seed) / 'converted.pth'), *recipe.convert]
 
 
@@ -228,7 +275,7 @@ def tidy_run(recipe: Recipe, out: Path, runs: Path, seed: int) -> None:
     """Keep last.pth.tar (and the teacher's EMA weights); the other checkpoints are not needed."""
     for path in list(out.glob('checkpoint-*.pth.tar')) + [out / 'model_best.pth.tar']:
         path.unlink(missing_ok=True)
-    if recipe.name == 'dedicated_k12':
+    if recipe.dedicated == 12:  # a teacher or source of other entries
         from safetensors.torch import save_file
 
         from hydravit.checkpoint import extract_state_dict, load_checkpoint_file
@@ -236,7 +283,7 @@ def tidy_run(recipe: Recipe, out: Path, runs: Path, seed: int) -> None:
         # the shared reader: prefixes stripped, and NaN / inf EMA weights refused rather than made a teacher
         path = out / 'last.pth.tar'
         state = extract_state_dict(load_checkpoint_file(path), use_ema=True, source=str(path))
-        save_file({k: v.contiguous() for k, v in state.items()}, teacher_file(runs, seed))
+        save_file({k: v.contiguous() for k, v in state.items()}, teacher_file(runs, seed, recipe.name))
 
 
 def git_commit() -> str:
@@ -263,36 +310,138 @@ def forward_gmacs() -> dict:
     return _GMACS
 
 
-def expected_per_pass(recipe: Recipe, gmacs: dict) -> float:
-    """Mean forward GMACs per image of one pass under the recipe's sampler (for rows without per-k counts)."""
-    if recipe.dedicated is not None:
-        return gmacs[recipe.dedicated]
-    if '--subnets-per-step' in recipe.flags:  # sandwich of 4, uniform: 12 and 3 every step, 2 of the 8 others
-        middle = [gmacs[k] for k in HEADS[1:-1]]
-        return (gmacs[HEADS[-1]] + gmacs[HEADS[0]] + 2 * statistics.mean(middle)) / 4
-    weights = [1] * len(HEADS) if '--weights' in recipe.flags else HEADS  # configs/digits.yaml: weights = k
-    return sum(w * gmacs[k] for w, k in zip(weights, HEADS, strict=True)) / sum(weights)
+@functools.cache
+def trainer_args(name: str) -> argparse.Namespace:
+    """hydravit.train's settings for a run of recipe ``name`` (configs/digits.yaml and the recipe's flags), parsed by
+    the trainer itself: the sampler, warm-up and epochs its expected compute is planned from."""
+    from hydravit.training.config import parse_args  # torch: only where compute is planned or counted
+
+    args, _ = parse_args(['data', '--config', str(ROOT / CONFIG), *RECIPES[name].train_flags()])
+    return args
+
+
+def step_inclusion(args: argparse.Namespace) -> Dict[int, float]:
+    """{k: probability that one optimizer step trains k} under the trainer's sampler settings ``args`` (heads,
+    weights, subnets_per_step, subnet_policy; ``HeadSampler.draw_step``), for the steps after any full-width warm-up.
+    The values sum to the subnetworks per step."""
+    from hydravit.training.sampler import normalize_weights, split_strata
+
+    heads, num = list(args.heads), args.subnets_per_step
+    probs = dict(zip(heads, normalize_weights(args.weights, len(heads)), strict=True))
+    if num == 1:  # the paper's step: one weighted draw
+        return probs
+    if args.subnet_policy == 'random':
+        return _drawn(probs, num)
+    ends = [max(heads), min(heads)][:num]
+    middle = sorted(k for k in heads if k not in ends)
+    included = dict.fromkeys(ends, 1.0)
+    if args.subnet_policy == 'sandwich':
+        return {**included, **_drawn({k: probs[k] for k in middle}, num - len(ends))}
+    for stratum in split_strata(middle, num - len(ends)):  # stratified: one weighted draw from each stratum
+        total = sum(probs[k] for k in stratum)
+        included.update({k: probs[k] / total for k in stratum})
+    return included
+
+
+def _drawn(probs: Dict[int, float], num: int) -> Dict[int, float]:
+    """{k: probability that k is among ``num`` weighted draws without replacement}: each draw picks k with its
+    weight renormalized over the head counts not drawn yet (torch.multinomial without replacement)."""
+    included = dict.fromkeys(probs, 0.0)
+    total = sum(probs.values())
+    if num <= 0 or total <= 0:
+        return included
+    for k, p in probs.items():
+        if p > 0:
+            included[k] += p / total
+            for j, q in _drawn({j: w for j, w in probs.items() if j != k}, num - 1).items():
+                included[j] += p / total * q
+    return included
+
+
+def expected_passes(recipe: Recipe) -> Dict[int, float]:
+    """{k: expected subnetwork passes} of one run of ``recipe`` (its own run; a source's is not included): the
+    full-width warm-up epochs train the largest k alone, the other steps draw as ``step_inclusion`` says."""
+    if not recipe.epochs:  # validated only
+        return {}
+    args = trainer_args(recipe.name)
+    warm = min(args.full_warmup_epochs, args.epochs)
+    passes = {k: (args.epochs - warm) * STEPS_PER_EPOCH * p for k, p in step_inclusion(args).items()}
+    passes[max(args.heads)] += warm * STEPS_PER_EPOCH
+    return passes
+
+
+def recorded_passes(row: dict) -> Dict[int, float]:
+    """{k: passes} of a recorded run: its per-k counts, or for rows recorded before those were kept, its number of
+    passes spread over k as its sampler is expected to."""
+    if row.get('passes_per_k'):
+        return {int(k): int(n) for k, n in (item.split(':') for item in str(row['passes_per_k']).split())}
+    expected = expected_passes(RECIPES[row['recipe']])
+    total = sum(expected.values())
+    return {k: row['subnet_passes'] * n / total for k, n in expected.items()} if total else {}
+
+
+def passes_gmacs(passes: Dict[int, float], teacher_forwards: float, gmacs: dict) -> float:
+    """Training GMACs of subnetwork passes {k: count} (forward + backward: x 3) and of a 12-head teacher's
+    forwards (x 1), each on a batch of BATCH_SIZE images; ``gmacs``: forward GMACs per image of each k."""
+    return (3 * sum(n * gmacs[k] for k, n in passes.items()) + teacher_forwards * gmacs[HEADS[-1]]) * BATCH_SIZE
+
+
+def conversion_gmacs(recipe: Recipe, gmacs: dict) -> float:
+    """hydravit.convert's calibration: forwards at full width (the full-width check), + backward for taylor."""
+    if recipe.convert is None:
+        return 0.0
+    calib = int(recipe.convert[recipe.convert.index('--calib-images') + 1])
+    return calib * (3 if 'taylor' in recipe.convert else 1) * gmacs[HEADS[-1]]
 
 
 def training_gmacs(row: dict, rows: List[dict]) -> float:
-    """Training GMACs of one run: its passes (x images x 3), a teacher's forwards, and for a converted entry the
-    source run of the same seed plus the conversion's calibration passes."""
+    """Training GMACs of one run: its passes, a teacher's forwards, and for a source entry the source run of the same
+    seed (``source_gmacs``) plus the conversion's calibration passes."""
     recipe, gmacs = RECIPES[row['recipe']], forward_gmacs()
-    if row.get('passes_per_k'):
-        counts = dict(item.split(':') for item in str(row['passes_per_k']).split())
-        forward = sum(int(n) * gmacs[int(k)] for k, n in counts.items())
-    else:
-        forward = row['subnet_passes'] * expected_per_pass(recipe, gmacs)
-    total = forward * BATCH_SIZE * 3 + row.get('teacher_forwards', 0) * BATCH_SIZE * gmacs[HEADS[-1]]
+    total = passes_gmacs(recorded_passes(row), row.get('teacher_forwards', 0), gmacs)
     if recipe.source:
-        source = [r for r in rows if r['recipe'] == 'dedicated_k12' and r['seed'] == row['seed']]
-        if not source:
-            return float('nan')  # reported as unknown rather than as cheap
-        total += training_gmacs(source[0], rows)
-        if recipe.convert is not None:  # calibration: forwards (the full-width check), + backward for taylor
-            calib = int(recipe.convert[recipe.convert.index('--calib-images') + 1])
-            total += calib * (3 if 'taylor' in recipe.convert else 1) * gmacs[HEADS[-1]]
+        total += source_gmacs(row, rows) + conversion_gmacs(recipe, gmacs)
     return total
+
+
+def source_gmacs(row: dict, rows: List[dict]) -> float:
+    """Training GMACs of the run a source entry started from (its ``base``, same seed); NaN when that run is not
+    among ``rows`` (reported as unknown rather than as cheap)."""
+    base = RECIPES[row['recipe']].base
+    source = [r for r in rows if r['recipe'] == base and r['seed'] == row['seed']]
+    return training_gmacs(source[0], rows) if source else float('nan')
+
+
+def expected_gmacs(recipe: Recipe) -> Tuple[float, float]:
+    """(training GMACs, of which its source's) that a run of ``recipe`` is expected to spend: ``training_gmacs``
+    of the passes its sampler is expected to draw, with a teacher forward every optimizer step."""
+    gmacs = forward_gmacs()
+    teacher = recipe.epochs * STEPS_PER_EPOCH if recipe.teacher else 0
+    total = passes_gmacs(expected_passes(recipe), teacher, gmacs)
+    if not recipe.source:
+        return total, 0.0
+    source = expected_gmacs(RECIPES[recipe.base])[0]
+    return total + source + conversion_gmacs(recipe, gmacs), source
+
+
+def goal_ratio(recipe: Recipe, total: float, source: float, k12: float) -> float:
+    """What ``GOALS[recipe.goal]`` bounds: training GMACs over the dedicated 12-head ViT's ``k12`` ('scratch'), or
+    the GMACs spent beyond the source over the source's ('vit')."""
+    return (total - source) / source if recipe.goal == 'vit' else total / k12
+
+
+def plan_text(recipe: Recipe) -> str:
+    """--list's compute column: expected training GMACs, against the dedicated 12-head ViT's and (source entries)
+    beyond the source, and whether a budgeted entry fits its goal."""
+    total, source = expected_gmacs(recipe)
+    k12 = expected_gmacs(RECIPES['dedicated_k12'])[0]
+    text = f'{total:>7,.0f} GMACs = {total / k12:.2f}x k=12'
+    if recipe.source:
+        text += f', {(total - source) / source:.2f}x beyond source'
+    if recipe.goal is not None:
+        fits = goal_ratio(recipe, total, source, k12) <= GOALS[recipe.goal]
+        text += f' [{recipe.goal} <= {GOALS[recipe.goal]}x: {"fits" if fits else "OVER"}]'
+    return text
 
 
 def _gmacs_text(values: Sequence[float]) -> str:
@@ -369,11 +518,14 @@ def markdown_table(lines: List[dict], title: str) -> str:
 
 def write_report(rows: List[dict], report: Path) -> None:
     report.mkdir(parents=True, exist_ok=True)
-    keys = sorted({key for row in rows for key in row}, key=_column_order)
+    # recomputed every time: a figure that became unknown must not keep an earlier value
+    rows_out = [{**{k: v for k, v in row.items() if k not in ('train_gmacs', 'source_gmacs')},
+                 **gmacs_columns(row, rows)} for row in rows]
+    keys = sorted({key for row in rows_out for key in row}, key=_column_order)
     with open(report / 'comparison.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows_out)
     text = ['# Recipe comparison on digits (generated by scripts/compare_recipes.py)', '',
             'Top-1 (%) on the 450 validation images, mean ± std over seeds; passes = subnetwork forward/backward '
             'passes per run; train GMACs = forward GMACs per image of each pass x 16 images x 3 (forward + backward), '
@@ -388,6 +540,16 @@ def write_report(rows: List[dict], report: Path) -> None:
             targets_table(rows), '']
     (report / 'comparison.md').write_text('\n'.join(text))
     plot(rows, report / 'comparison.png')
+
+
+def gmacs_columns(row: dict, rows: List[dict]) -> dict:
+    """The CSV's compute columns of one run, so that budgets can be checked from the CSV alone: ``train_gmacs``
+    (``training_gmacs``: a source entry's with its source's) and, for source entries, ``source_gmacs``. A figure
+    that cannot be known here (the source run not recorded) is left out rather than written as NaN."""
+    columns = {'train_gmacs': training_gmacs(row, rows)}
+    if RECIPES[row['recipe']].source:
+        columns['source_gmacs'] = source_gmacs(row, rows)
+    return {key: round(value, 1) for key, value in columns.items() if math.isfinite(value)}
 
 
 def summary_table(rows: List[dict], ks: Sequence[int] = (3, 6, 9, 12)) -> str:
@@ -427,8 +589,9 @@ def _compute_multiple(rows: List[dict], recipe: str) -> float:
     """The recipe's subnetwork passes per run relative to the paper recipe's (1 = equal compute); a converted
     entry's include its source run's."""
     def passes(name: str) -> float:
-        extra = statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == 'dedicated_k12') \
-            if RECIPES[name].source else 0
+        source = [r['subnet_passes'] for r in rows if r['recipe'] == RECIPES[name].base] if RECIPES[name].source \
+            else [0]
+        extra = statistics.mean(source) if source else float('nan')  # unknown rather than cheap
         return statistics.mean(r['subnet_passes'] for r in rows if r['recipe'] == name) + extra
     return passes(recipe) / passes('paper_uniform')
 
@@ -438,7 +601,7 @@ def targets_table(rows: List[dict]) -> str:
     k = 3..12, and the margin to the dedicated ViT at each dedicated k (met: >= 0 and >= -0.5 p.p.)."""
     papers = [_means(rows, name) for name in ('paper_uniform', 'paper_weighted')]
     dedicated = {RECIPES[n].dedicated: _means(rows, n)[RECIPES[n].dedicated] for n in RECIPES
-                 if RECIPES[n].dedicated is not None and _means(rows, n)}
+                 if RECIPES[n].baseline and _means(rows, n)}
     ded_ks = sorted(dedicated)
     body = []
     for name, recipe in RECIPES.items():
@@ -450,14 +613,17 @@ def targets_table(rows: List[dict]) -> str:
         vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
         gaps = [round(means[k] - dedicated[k], 6) + 0.0 for k in ded_ks]
         met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
-        body.append([name, f'{_compute_multiple(rows, name):.0f}x', _gmacs_vs(rows, name), f'{vs_paper:+.2f}',
+        body.append([name, f'{_compute_multiple(rows, name):.0f}x', _gmacs_vs(rows, name),
+                     _gmacs_vs(rows, name, 'dedicated_k12'), _beyond_source(rows, name), f'{vs_paper:+.2f}',
                      *(f'{g:+.2f}' for g in gaps), 'yes' if met else 'no'])
-    head = ['recipe', 'compute', 'GMACs vs sandwich_e40', 'vs paper', *(f'vs dedicated k={k}' for k in ded_ks),
-            'all met']
+    head = ['recipe', 'compute', 'GMACs vs sandwich_e40', 'GMACs vs dedicated k=12', 'beyond source', 'vs paper',
+            *(f'vs dedicated k={k}' for k in ded_ks), 'all met']
     return ('**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
             'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5; '
-            '`compute` = subnetwork passes relative to the paper recipes; `GMACs vs sandwich_e40` = training GMACs '
-            '(converted entries: with their source) relative to the best 4x-compute recipe.\n\n'
+            '`compute` = subnetwork passes relative to the paper recipes; `GMACs vs sandwich_e40` and `GMACs vs '
+            'dedicated k=12` = training GMACs (converted entries: with their source) relative to the best 4x-compute '
+            'recipe and to the dedicated 12-head ViT (budget from scratch: <= 1.0x); `beyond source` = converted '
+            "entries' training GMACs beyond their source relative to the source's (budget: <= 0.5x).\n\n"
             + pipe_table(head, body))
 
 
@@ -467,9 +633,19 @@ def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') ->
     return f'{statistics.mean(mine) / statistics.mean(ref):.2f}x' if ref and mine else ''
 
 
+def _beyond_source(rows: List[dict], recipe: str) -> str:
+    """A source entry's mean training GMACs beyond its source's, relative to the source's ('' for others)."""
+    runs = [r for r in rows if r['recipe'] == recipe]
+    if not RECIPES[recipe].source or not runs:
+        return ''
+    total = statistics.mean(training_gmacs(r, rows) for r in runs)
+    source = statistics.mean(source_gmacs(r, rows) for r in runs)
+    return f'{(total - source) / source:.2f}x'
+
+
 def _column_order(key: str):
-    fixed = ['recipe', 'seed', 'epochs', 'subnet_passes', 'passes_per_k', 'teacher_forwards', 'train_s', 'wall_s',
-             'cpu_s', 'threads', 'resumed', 'commit']
+    fixed = ['recipe', 'seed', 'epochs', 'subnet_passes', 'passes_per_k', 'teacher_forwards', 'train_gmacs',
+             'source_gmacs', 'train_s', 'wall_s', 'cpu_s', 'threads', 'resumed', 'commit']
     if key in fixed:
         return (0, fixed.index(key), '')
     prefix, _, k = key.rpartition('_k')
@@ -480,7 +656,7 @@ def plot(rows: List[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 4.4), dpi=90, layout='constrained')
+    fig = Figure(figsize=(21, 4.8), dpi=90, layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     panels = (('', 'model'), ('ema_', 'EMA'), ('', 'model, top of the range'))
@@ -493,46 +669,58 @@ def plot(rows: List[dict], path: Path) -> None:
     axes[1].sharey(axes[0])
     # the recipes that matter sit within a few p.p. of the dedicated ViTs: the third panel zooms in on them
     axes[2].set_ylim(_zoom_floor(rows), 100)
-    axes[0].legend(fontsize='small', loc='lower right')
+    # one legend beside the panels: its labels carry each entry's training GMACs, too long to sit inside a panel
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize='small', loc='outside right upper')
     fig.savefig(path)
 
 
 def _zoom_floor(rows: List[dict]) -> float:
     """A whole percent under the lowest mean of the dedicated ViTs and the paper recipes."""
-    means = [v for n in RECIPES if n.startswith(('dedicated', 'paper')) for v in _means(rows, n).values()]
+    means = [v for n in RECIPES if RECIPES[n].baseline or n.startswith('paper') for v in _means(rows, n).values()]
     return float(int(min(means)) - 1) if means else 0.0
 
 
 def _legend(rows: List[dict], recipe: str, seeds: int) -> str:
+    """``recipe (seeds, compute multiple, training GMACs = multiple of the dedicated 12-head ViT's)``."""
     label = f'{recipe} ({seeds} seed{"s" if seeds > 1 else ""}'
     if any(r['recipe'] == 'paper_uniform' for r in rows):
         label += f', {_compute_multiple(rows, recipe):.0f}x compute'
-    return label + ')'
+    label += f', {_gmacs_text([training_gmacs(r, rows) for r in rows if r["recipe"] == recipe])} GMACs'
+    vs_k12 = _gmacs_vs(rows, recipe, 'dedicated_k12')
+    return label + (f' = {vs_k12} k=12' if vs_k12 else '') + ')'
 
 
 def _plot_recipes(ax, rows: List[dict], prefix: str) -> None:
     from matplotlib import colormaps
 
-    palette = colormaps['tab20'].colors  # more recipes than the default cycle's 10 colours
+    palette = colormaps['tab20'].colors + colormaps['tab20b'].colors  # more recipes than the default cycle's 10
     dedicated = {}
     for i, (name, recipe) in enumerate(RECIPES.items()):
         runs = [r for r in rows if r['recipe'] == name]
         if not runs:
             continue
-        if recipe.dedicated is not None:
-            dedicated[recipe.dedicated] = [r[f'{prefix}top1_k{recipe.dedicated}'] for r in runs]
+        if recipe.dedicated is not None:  # the baselines as one series; a shorter source run only in the tables
+            if recipe.baseline:
+                dedicated[recipe.dedicated] = [r[f'{prefix}top1_k{recipe.dedicated}'] for r in runs]
             continue
         ks = [k for k in HEADS if all(f'{prefix}top1_k{k}' in r for r in runs)]
         values = [[r[f'{prefix}top1_k{k}'] for r in runs] for k in ks]
         means = [statistics.mean(v) for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        # dark shades, then light ones, of tab20 for the first 20 recipes, of tab20b for the next 20
+        colour = palette[20 * (i // 20 % 2) + (2 * i) % 20 + (2 * i) // 20 % 2]
         ax.errorbar(ks, means, yerr=stds, marker='o', ms=3, capsize=2, label=_legend(rows, name, len(runs)),
-                    color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], ls='--' if recipe.source else '-')
+                    color=colour, ls='--' if recipe.source else '-')
     if dedicated:
         ks = sorted(dedicated)
         ax.errorbar(ks, [statistics.mean(dedicated[k]) for k in ks],
                     yerr=[statistics.stdev(dedicated[k]) if len(dedicated[k]) > 1 else 0.0 for k in ks],
-                    fmt='s', color='black', ms=6, capsize=3, label='dedicated ViT (one per k)')
+                    fmt='s', color='black', ms=6, capsize=3, label=_dedicated_legend(rows))
+
+
+def _dedicated_legend(rows: List[dict]) -> str:
+    k12 = [training_gmacs(r, rows) for r in rows if r['recipe'] == 'dedicated_k12']
+    return 'dedicated ViT (one per k' + (f'; k=12: {_gmacs_text(k12)} GMACs)' if k12 else ')')
 
 
 # --- entry point -------------------------------------------------------------------------------------------
@@ -557,12 +745,12 @@ def plan(args: argparse.Namespace) -> List[tuple]:
 
 
 def with_teachers(todo: List[tuple], runs: Path) -> List[tuple]:
-    """A teacher recipe needs the dedicated 12-head run's weights of its seed: train it again (before the
-    teacher recipe) where they are not on this machine; its new result replaces the recorded one."""
+    """A teacher or source recipe needs its dedicated 12-head run's weights of its seed: train it again (before
+    the recipe) where they are not on this machine; its new result replaces the recorded one."""
     cells = list(todo)
     for recipe, seed in todo:
-        dedicated = (RECIPES['dedicated_k12'], seed)
-        if recipe.needs_k12 and not teacher_file(runs, seed).is_file() and dedicated not in cells:
+        dedicated = (RECIPES[recipe.base], seed)
+        if recipe.needs_k12 and not teacher_file(runs, seed, recipe.base).is_file() and dedicated not in cells:
             cells.insert(cells.index((recipe, seed)), dedicated)
     return cells
 
@@ -595,7 +783,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done = {(row['recipe'], row['seed']) for row in load_results(runs, report)}
         for recipe, seed in cells:
             state = 'done' if (recipe.name, seed) in done else 'todo'
-            print(f'{state}  {recipe.name:<22} seed {seed}  {" ".join(recipe.train_flags())}')
+            print(f'{state}  {recipe.name:<22} seed {seed}  {plan_text(recipe)}  {" ".join(recipe.train_flags())}')
         return 0
     if not args.report_only:
         if not data.is_dir():

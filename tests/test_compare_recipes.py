@@ -1,6 +1,7 @@
 """scripts/compare_recipes.py without training: the plan, resuming from recorded rows, the report."""
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from test_train import ROOT
@@ -63,11 +64,12 @@ def test_recipe_flags_build_dedicated_models_of_exactly_k_heads():
 def test_targets_table_names_which_targets_a_recipe_meets():
     rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), _row('sandwich', 0, 81.5),
             {**_row('sandwich_e40', 0, 82.0), 'subnet_passes': 4 * 3360}]
-    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9, 12)]  # dedicated k: 81.8 + k
+    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9)]  # dedicated k: 81.8 + k
+    rows.append({**_row('dedicated_k12', 0, 81.8), 'subnet_passes': 3000})  # 3000 x 0.12 GMACs; sandwich: 3360 x 0.075
     text = compare.targets_table(rows)
-    assert '| sandwich | 1x | 0.25x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
-    assert '| paper_uniform | 1x | 0.25x | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
-    assert '| sandwich_e40 | 4x | 1.00x | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
+    assert '| sandwich | 1x | 0.25x | 0.70x |  | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
+    assert '| paper_uniform | 1x | 0.25x | 0.70x |  | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
+    assert '| sandwich_e40 | 4x | 1.00x | 2.80x |  | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
 
 
 def test_targets_table_counts_a_tie_with_the_paper_as_met():
@@ -77,7 +79,9 @@ def test_targets_table_counts_a_tie_with_the_paper_as_met():
                 for seed, count in enumerate(counts)]
     rows = seeds('sandwich', (420, 421, 431)) + seeds('paper_uniform', (424,) * 3) + seeds('paper_weighted', (400,))
     rows += [{**_row(f'dedicated_k{k}', 0, 0.0), f'top1_k{k}': 100 * 424 / 450} for k in (3, 6, 9, 12)]
-    assert '| sandwich | 1x |  | +0.00 | +0.00 | +0.00 | +0.00 | +0.00 | yes |' in compare.targets_table(rows)
+    rows[-1]['subnet_passes'] = 3000  # dedicated k = 12: a GMACs ratio away from a rounding boundary
+    text = compare.targets_table(rows)
+    assert '| sandwich | 1x |  | 0.70x |  | +0.00 | +0.00 | +0.00 | +0.00 | +0.00 | yes |' in text
 
 
 def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
@@ -167,3 +171,142 @@ def test_converted_entries_convert_their_source_then_fine_tune_or_validate(tmp_p
         map(str, compare.HEADS))
     # every converted entry waits for (or retrains) the dedicated 12-head run of its seed
     assert compare.with_teachers([(ft, 2)], tmp_path) == [(compare.RECIPES['dedicated_k12'], 2), (ft, 2)]
+
+
+def test_csv_carries_training_gmacs_that_reproduce_the_report(tmp_path):
+    report = tmp_path / 'report'
+    source = {**_row('dedicated_k12', 0, 90.0), 'passes_per_k': '12:3360'}
+    tuned = {**_row('convert_ft10', 0, 90.0), 'subnet_passes': 3360, 'passes_per_k': '12:840 3:840 7:1680'}
+    orphan = {**_row('source_ft10', 1, 90.0), 'passes_per_k': '12:840 3:840 7:1680'}  # its source run not recorded
+    compare.write_report([source, _row('paper_uniform', 0, 80.0), tuned, orphan], report)
+    header = (report / 'comparison.csv').read_text().splitlines()[0].split(',')
+    assert header[5:8] == ['teacher_forwards', 'train_gmacs', 'source_gmacs']
+    # a later session: the committed CSV alone
+    rows = compare.load_results(tmp_path / 'elsewhere', report)
+    by_name = {row['recipe']: row for row in rows}
+    for name in ('dedicated_k12', 'paper_uniform', 'convert_ft10'):
+        assert by_name[name]['train_gmacs'] == pytest.approx(compare.training_gmacs(by_name[name], rows), abs=0.05)
+    fine_tune, calib = (840 * 0.12 + 840 * 0.03 + 1680 * 0.07) * 48, 256 * 0.12
+    assert by_name['convert_ft10']['source_gmacs'] == pytest.approx(3360 * 0.12 * 48)
+    assert by_name['convert_ft10']['train_gmacs'] == pytest.approx(3360 * 0.12 * 48 + fine_tune + calib, abs=0.05)
+    assert 'source_gmacs' not in by_name['dedicated_k12'] and 'source_gmacs' not in by_name['paper_uniform']
+    assert 'train_gmacs' not in by_name['source_ft10'] and 'source_gmacs' not in by_name['source_ft10']  # unknown
+    # the report's figure is the CSV's column
+    text = (report / 'comparison.md').read_text()
+    assert f'| convert_ft10 | 1 | 10 | 3360 | {by_name["convert_ft10"]["train_gmacs"]:,.0f} |' in text
+
+
+def test_targets_table_gives_gmacs_against_dedicated_k12_and_beyond_the_source():
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), _row('sandwich', 0, 81.5)]
+    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9)]
+    rows.append({**_row('dedicated_k12', 0, 81.8), 'subnet_passes': 3000, 'passes_per_k': '12:3000'})
+    rows.append({**_row('convert_ft10', 0, 81.5), 'passes_per_k': '12:840 3:840 7:1680'})
+    source, beyond = 3000 * 0.12 * 48, (840 * 0.12 + 840 * 0.03 + 1680 * 0.07) * 48 + 256 * 0.12
+    text = compare.targets_table(rows)
+    assert '| recipe | compute | GMACs vs sandwich_e40 | GMACs vs dedicated k=12 | beyond source | vs paper |' in text
+    assert f'| convert_ft10 | 2x |  | {1 + beyond / source:.2f}x | {beyond / source:.2f}x | +0.50 |' in text
+    assert '| sandwich | 1x |  | 0.70x |  | +0.50 |' in text  # 3360 x 0.075 against 3000 x 0.12; no source
+
+
+def test_expected_passes_follow_the_trainers_sampler_and_full_width_warm_up():
+    steps = compare.STEPS_PER_EPOCH
+    warm = compare.expected_passes(compare.RECIPES['warmup18_ikd_e28'])  # 18 epochs of k = 12 alone, 10 of 4
+    assert warm[12] == pytest.approx(28 * steps) and warm[3] == pytest.approx(10 * steps)
+    assert all(warm[k] == pytest.approx(10 * steps * 2 / 8) for k in range(4, 12))
+    three = compare.expected_passes(compare.RECIPES['sandwich3_ikd_e25'])  # 12, 3 and one of the 8 others
+    assert (three[12], three[3], three[7]) == pytest.approx((25 * steps, 25 * steps, 25 * steps / 8))
+    weighted = compare.expected_passes(compare.RECIPES['paper_weighted'])  # configs/digits.yaml: weights = k
+    assert all(weighted[k] == pytest.approx(40 * steps * k / sum(compare.HEADS)) for k in compare.HEADS)
+    # the plan is what the counting gives for a run that drew exactly the expected passes
+    teacher = compare.RECIPES['convert_ft8_teacher']
+    passes = compare.expected_passes(teacher)
+    row = {**_row('convert_ft8_teacher', 0, 90.0), 'subnet_passes': round(sum(passes.values())),
+           'passes_per_k': ' '.join(f'{k}:{n:.0f}' for k, n in passes.items()), 'teacher_forwards': 8 * steps}
+    source = {**_row('dedicated_k12', 0, 90.0), 'passes_per_k': '12:3360'}
+    total, source_total = compare.expected_gmacs(teacher)
+    assert total == pytest.approx(compare.training_gmacs(row, [source, row]))
+    assert source_total == pytest.approx(compare.training_gmacs(source, [source]))
+
+
+@pytest.mark.parametrize('policy, num', [('random', 1), ('random', 3), ('sandwich', 3), ('stratified', 4)])
+def test_step_inclusion_is_how_often_the_sampler_draws_each_k(policy, num):
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from hydravit.training.sampler import HeadSampler
+    heads, weights = [3, 4, 5, 6, 7, 8], [1, 5, 2, 3, 1, 4]
+    expected = compare.step_inclusion(SimpleNamespace(heads=heads, weights=weights, subnets_per_step=num,
+                                                      subnet_policy=policy))
+    assert sum(expected.values()) == pytest.approx(num)
+    sampler, draws = HeadSampler(heads, weights, seed=0), 4000
+    counts = Counter(k for _ in range(draws) for k in (sampler.draw_step(num, policy) if num > 1 else sampler.sample()))
+    assert all(counts[k] / draws == pytest.approx(expected[k], abs=0.03) for k in heads), (counts, expected)
+
+
+def test_list_shows_each_entrys_expected_gmacs_and_its_budget(tmp_path, capsys):
+    compare.main(['--list', '--recipes', 'convert_ft8_teacher', '--seeds', '0', '--runs', str(tmp_path),
+                  '--report', str(tmp_path)])
+    # round numbers (0.01 k GMACs per k): 8 epochs of the sandwich (0.3 x 48 a step) + a teacher forward a step
+    fine_tune = 8 * 84 * (0.3 * 48 + 0.12 * 16) + 256 * 0.12
+    source = 3360 * 0.12 * 48
+    assert (f'todo  convert_ft8_teacher    seed 0   {source + fine_tune:,.0f} GMACs = {1 + fine_tune / source:.2f}x '
+            f'k=12, {fine_tune / source:.2f}x beyond source [vit <= 0.5x: OVER]') in capsys.readouterr().out
+
+
+def test_every_budget_entry_is_planned_within_its_goal(monkeypatch, tmp_path):
+    monkeypatch.setattr(compare, '_GMACS', {})  # DeepSpeed's count of the digits model, not the round numbers
+    recipes = compare.RECIPES
+    k12 = compare.expected_gmacs(recipes['dedicated_k12'])[0]
+    recorded = compare.load_results(tmp_path / 'no-runs', compare.ROOT / 'docs' / 'comparison')  # the committed CSV
+    assert all(row['train_gmacs'] == pytest.approx(k12, abs=0.05) for row in recorded
+               if row['recipe'] == 'dedicated_k12')  # its plan is its record: the same passes every run
+    planned = {name: r for name, r in recipes.items() if r.goal is not None}
+    assert [sum(r.goal == goal for r in planned.values()) >= 3 for goal in compare.GOALS] == [True, True]
+    for name, recipe in planned.items():
+        total, source = compare.expected_gmacs(recipe)
+        # 2 % under the budget: about 4 standard deviations of the sampler's draws over one 10-epoch fine-tune
+        assert compare.goal_ratio(recipe, total, source, k12) <= 0.98 * compare.GOALS[recipe.goal], name
+        assert 'fits' in compare.plan_text(recipe)
+        # from a trained ViT: the dedicated 12-head run; from scratch: no source, or one this entry trains itself
+        assert (recipe.source and recipe.base == 'dedicated_k12') if recipe.goal == 'vit' else \
+            (not recipe.source or recipes[recipe.base].epochs < compare.BASE_EPOCHS), name
+
+
+def test_a_source_entry_starts_from_its_own_base_run_and_the_baselines_stay_the_40_epoch_vits(tmp_path):
+    shrink, base = compare.RECIPES['shrink18_ikd_ft10'], compare.RECIPES['dedicated_k12_e18']
+    assert compare.with_teachers([(shrink, 0)], tmp_path) == [(base, 0), (shrink, 0)]
+    convert = compare.convert_command(shrink, 0, tmp_path / 'data', tmp_path)
+    assert convert[convert.index('--checkpoint') + 1] == str(compare.teacher_file(tmp_path, 0, 'dedicated_k12_e18'))
+    short = {**_row('dedicated_k12_e18', 0, 70.0), 'epochs': 18, 'subnet_passes': 1512, 'passes_per_k': '12:1512'}
+    full = {**_row('dedicated_k12', 0, 81.8), 'passes_per_k': '12:3360'}
+    tuned = {**_row('shrink18_ikd_ft10', 0, 81.5), 'subnet_passes': 3360, 'passes_per_k': '12:840 3:840 7:1680'}
+    assert compare.source_gmacs(tuned, [full, short, tuned]) == pytest.approx(1512 * 0.12 * 48)
+    assert [name for name, r in compare.RECIPES.items() if r.baseline] == [
+        'dedicated_k12', 'dedicated_k3', 'dedicated_k6', 'dedicated_k9']
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), tuned, full, short]
+    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9)]
+    # k = 12 against the 40-epoch ViT (81.5 - 81.8), not the short one (70); GMACs: the short source's + its own
+    source, own = 1512 * 0.12 * 48, (840 * 0.12 + 840 * 0.03 + 1680 * 0.07) * 48 + 256 * 0.12
+    assert (f'| shrink18_ikd_ft10 | 1x |  | {(source + own) / (3360 * 0.12 * 48):.2f}x | {own / source:.2f}x | +0.50 '
+            '| -0.30 | -0.30 | -0.30 | -0.30 | yes |') in compare.targets_table(rows)
+    assert compare.DEFAULT_RECIPES == ['dedicated_k12', 'paper_uniform', 'paper_weighted', 'sandwich', 'sandwich_ikd',
+                                       'sandwich_ikd_teacher', 'dedicated_k3', 'dedicated_k6', 'dedicated_k9']
+
+
+def test_budget_configs_are_exactly_their_compared_entries():
+    """The intended final entry of each budget as a config: from scratch (digits_warmup.yaml) and from a trained ViT
+    (digits_convert_teacher.yaml, whose teacher weights come on the command line)."""
+    from hydravit.training.config import parse_args
+    configs = {}
+    for config, name in (('digits_warmup.yaml', 'warmup18_ikd_e28'),
+                         ('digits_convert_teacher.yaml', 'convert_ft8_teacher')):
+        recipe = compare.RECIPES[name]
+        teacher = compare.teacher_flags(Path('SOURCE')) if recipe.teacher else []
+        compared, _ = parse_args(['data', '--config', str(ROOT / compare.CONFIG), *recipe.train_flags(), *teacher])
+        given, _ = parse_args(['data', '--config', str(ROOT / 'configs' / config), *teacher[2:4]])
+        assert {**vars(given), 'config': None} == {**vars(compared), 'config': None}, config
+        configs[config] = given
+    warmup, teacher = configs['digits_warmup.yaml'], configs['digits_convert_teacher.yaml']
+    assert (warmup.full_warmup_epochs, warmup.epochs, warmup.inplace_kd, warmup.teacher) == (18, 28, True, '')
+    assert (teacher.teacher, teacher.teacher_heads, teacher.teacher_kwargs, teacher.epochs, teacher.inplace_kd) == (
+        compare.MODEL, 12, {'num_classes': 10}, 8, False)
