@@ -119,6 +119,9 @@ RECIPES = {r.name: r for r in [
     Recipe('sandwich3_ikd_e25', 'sandwich of 3 (k = 12, 3 and one drawn of 4..11) + in-place KD, 25 epochs',
            ['--subnets-per-step', '3', '--subnet-policy', 'sandwich', *UNIFORM, '--inplace-kd'], epochs=25,
            goal='scratch'),
+    Recipe('largest2_ikd_e28', 'k = 12 and one drawn k of 3..11 per step (--subnet-policy largest) + in-place KD, '
+           '28 epochs', ['--subnets-per-step', '2', '--subnet-policy', 'largest', *UNIFORM, '--inplace-kd'],
+           epochs=28, goal='scratch'),
     Recipe('warmup18_ikd_e28', 'k = 12 alone for 18 epochs, then sandwich of 4 + in-place KD for 10, in one run '
            '(progressive shrinking without the reorder)', SANDWICH_IKD + ['--full-warmup-epochs', '18'], epochs=28,
            goal='scratch'),
@@ -332,6 +335,8 @@ def step_inclusion(args: argparse.Namespace) -> Dict[int, float]:
         return probs
     if args.subnet_policy == 'random':
         return _drawn(probs, num)
+    if args.subnet_policy == 'largest':
+        return {max(heads): 1.0, **_drawn({k: p for k, p in probs.items() if k != max(heads)}, num - 1)}
     ends = [max(heads), min(heads)][:num]
     middle = sorted(k for k in heads if k not in ends)
     included = dict.fromkeys(ends, 1.0)

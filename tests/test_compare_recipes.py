@@ -228,7 +228,8 @@ def test_expected_passes_follow_the_trainers_sampler_and_full_width_warm_up():
     assert source_total == pytest.approx(compare.training_gmacs(source, [source]))
 
 
-@pytest.mark.parametrize('policy, num', [('random', 1), ('random', 3), ('sandwich', 3), ('stratified', 4)])
+@pytest.mark.parametrize('policy, num', [('random', 1), ('random', 3), ('sandwich', 3), ('stratified', 4),
+                                         ('largest', 2), ('largest', 3)])
 def test_step_inclusion_is_how_often_the_sampler_draws_each_k(policy, num):
     from collections import Counter
     from types import SimpleNamespace

@@ -92,7 +92,7 @@ def _steps(policy: str, num: int, weights=None, steps: int = 4000) -> list:
     return [sampler.draw_step(num, policy) for _ in range(steps)]
 
 
-@pytest.mark.parametrize('policy', ['random', 'sandwich', 'stratified'])
+@pytest.mark.parametrize('policy', ['random', 'sandwich', 'stratified', 'largest'])
 def test_step_draws_are_distinct_and_largest_first(policy):
     for step in _steps(policy, 4, steps=500):
         assert len(step) == 4 and len(set(step)) == 4 and step == sorted(step, reverse=True)
@@ -102,6 +102,15 @@ def test_step_draws_are_distinct_and_largest_first(policy):
 @pytest.mark.parametrize('policy', ['sandwich', 'stratified'])
 def test_sandwich_and_stratified_always_hold_largest_and_smallest(policy):
     assert all(step[0] == 12 and step[-1] == 3 for step in _steps(policy, 4, steps=500))
+
+
+def test_largest_policy_holds_the_largest_and_draws_the_rest_by_weight():
+    weights = [1, 0, 1, 1, 1, 1, 1, 1, 8, 1]  # k=4 never; k=11 far more often than the others
+    steps = _steps('largest', 2, weights)
+    assert all(len(step) == 2 and step[0] == 12 for step in steps)
+    counts = collections.Counter(step[1] for step in steps)
+    assert counts[4] == 0 and set(counts) == {3, 5, 6, 7, 8, 9, 10, 11}
+    assert counts[11] > 3 * max(counts[k] for k in (3, 5, 6, 7, 8, 9, 10))
 
 
 def test_sandwich_middle_draws_follow_the_weights():
@@ -146,9 +155,13 @@ def test_split_strata_sizes_differ_by_at_most_one():
     (11, 'random', None, '--subnets-per-step: 11 distinct subnetworks per step, but --heads has only 10'),
     (0, 'random', None, '--subnets-per-step: must be >= 1, got 0'),
     (1, 'sandwich', None, '--subnet-policy sandwich: needs --subnets-per-step >= 2'),
+    (1, 'largest', None, '--subnet-policy largest: needs --subnets-per-step >= 2 (the largest head count every '
+                         'step)'),
+    (3, 'largest', [1, 0, 0, 0, 0, 0, 0, 0, 0, 1], '--weights: --subnet-policy largest draws 2 distinct head '
+                                                   'count(s) from [3, 4, 5, 6, 7, 8, 9, 10, 11]'),
     (3, 'random', [0, 0, 0, 0, 0, 0, 0, 0, 1, 1], '--weights: --subnet-policy random draws 3'),
     (3, 'stratified', [1, 0, 0, 0, 0, 0, 0, 0, 0, 1], '--weights: --subnet-policy stratified draws 1'),
-    (2, 'bogus', None, '--subnet-policy: one of random, sandwich, stratified'),
+    (2, 'bogus', None, '--subnet-policy: one of random, sandwich, stratified, largest'),
 ])
 def test_impossible_step_draws_are_refused_naming_the_flag(num, policy, weights, message):
     with pytest.raises(ValueError) as info:

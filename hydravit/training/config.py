@@ -166,7 +166,8 @@ def _add_step_args(parser: argparse.ArgumentParser) -> None:
                        help='distinct head counts trained per optimizer step, gradients summed (default: 1, the paper)')
     group.add_argument('--subnet-policy', default='random', choices=SUBNET_POLICIES,
                        help='random: N weighted draws; sandwich: largest + smallest + N-2 draws; stratified: '
-                            'largest + smallest + one draw from each of N-2 strata (default: random)')
+                            'largest + smallest + one draw from each of N-2 strata; largest: largest + N-1 draws '
+                            '(default: random)')
     group.add_argument('--inplace-kd', action='store_true', default=False,
                        help='every subnetwork of a step but the largest also learns from a larger one\'s logits')
     group.add_argument('--kd-chain', default='largest', choices=KD_CHAINS,

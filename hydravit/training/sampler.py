@@ -14,7 +14,7 @@ import torch
 
 __all__ = ['HeadSampler', 'SUBNET_POLICIES', 'normalize_weights', 'split_strata']
 
-SUBNET_POLICIES = ('random', 'sandwich', 'stratified')
+SUBNET_POLICIES = ('random', 'sandwich', 'stratified', 'largest')
 
 
 def normalize_weights(weights: Optional[Sequence[float]], num_choices: int, flag: str = '--weights') -> List[float]:
@@ -76,10 +76,15 @@ class HeadSampler:
         ``random``: ``num_subnets`` weighted draws without replacement. ``sandwich``: the largest and the
         smallest head count plus ``num_subnets - 2`` weighted draws from the others (US-Nets' sandwich rule).
         ``stratified``: the largest and the smallest plus one weighted draw from each of ``num_subnets - 2``
-        equal-size strata of the others (Scala's stable sampling).
+        equal-size strata of the others (Scala's stable sampling). ``largest``: the largest plus
+        ``num_subnets - 1`` weighted draws from the others (the full width every step at the least extra cost:
+        with N = 2, one drawn subnetwork instead of the sandwich's three).
         """
         if policy == 'random':
             drawn = self.sample_distinct(self.heads, num_subnets)
+        elif policy == 'largest':
+            top = max(self.heads)
+            drawn = [top] + self.sample_distinct([k for k in self.heads if k != top], num_subnets - 1)
         else:
             ends = [max(self.heads), min(self.heads)][:num_subnets]
             middle = sorted(k for k in self.heads if k not in ends)
@@ -102,14 +107,19 @@ class HeadSampler:
             raise ValueError(f'--subnets-per-step: {num_subnets} distinct subnetworks per step, but --heads has '
                              f'only {len(self.heads)} head counts')
         if policy != 'random' and num_subnets < 2:
-            raise ValueError(f'--subnet-policy {policy}: needs --subnets-per-step >= 2 (the largest and the '
-                             f'smallest head count every step)')
+            every_step = 'the largest head count' if policy == 'largest' else 'the largest and the smallest head count'
+            raise ValueError(f'--subnet-policy {policy}: needs --subnets-per-step >= 2 ({every_step} every step)')
         positive = {k for k, p in zip(self.heads, self.probs, strict=True) if p > 0}
         ends = {max(self.heads), min(self.heads)}
-        pools = ([self.heads] if policy == 'random' else
-                 [[k for k in self.heads if k not in ends]] if policy == 'sandwich' else
-                 split_strata(sorted(k for k in self.heads if k not in ends), num_subnets - 2))
-        draws = [num_subnets] if policy == 'random' else [num_subnets - 2] if policy == 'sandwich' else [1] * len(pools)
+        if policy == 'random':
+            pools, draws = [self.heads], [num_subnets]
+        elif policy == 'largest':
+            pools, draws = [[k for k in self.heads if k != max(self.heads)]], [num_subnets - 1]
+        elif policy == 'sandwich':
+            pools, draws = [[k for k in self.heads if k not in ends]], [num_subnets - 2]
+        else:
+            pools = split_strata(sorted(k for k in self.heads if k not in ends), num_subnets - 2)
+            draws = [1] * len(pools)
         for pool, num in zip(pools, draws, strict=True):
             if sum(k in positive for k in pool) < num:
                 raise ValueError(f'--weights: --subnet-policy {policy} draws {num} distinct head count(s) from '
