@@ -81,24 +81,42 @@ def expect_exit(argv, capsys) -> str:
 
 
 # --- the latency model ---------------------------------------------------------------------------------------
-def test_cascade_latency_from_the_per_batch_table():
-    # Batch 1: stage 2 runs with probability p, so the mean is L3(1) + p * L9(1); its p90 sub-batch is 1 if p > 0.1.
-    mean, p90 = cascade.cascade_latency(LATENCY, (3, 9), (1., 0.25), 1)
-    assert mean == pytest.approx(latency_ms(3, 1)[0] + 0.25 * latency_ms(9, 1)[0], abs=1e-12)
-    assert p90 == pytest.approx(latency_ms(3, 1)[1] + latency_ms(9, 1)[1], abs=1e-12)
-    # Batch 4, half the images go on: X ~ Binomial(4, 1/2); 3 images are interpolated between the sizes 2 and 4.
-    m9 = {0: 0., 1: latency_ms(9, 1)[0], 2: latency_ms(9, 2)[0], 4: latency_ms(9, 4)[0]}
-    m9[3] = (m9[2] + m9[4]) / 2
-    expected = latency_ms(3, 4)[0] + sum(math.comb(4, x) / 16 * m9[x] for x in range(5))
-    mean, p90 = cascade.cascade_latency(LATENCY, (3, 9), (1., 0.5), 4)
-    assert mean == pytest.approx(expected, abs=1e-12)
-    # The 90th percentile of Binomial(4, 1/2) is 3 (cdf 11/16 at 2, 15/16 at 3).
-    assert p90 == pytest.approx(latency_ms(3, 4)[1] + (latency_ms(9, 2)[1] + latency_ms(9, 4)[1]) / 2, abs=1e-12)
-    # A fixed k is its table; no stage past its reach costs anything.
-    assert cascade.cascade_latency(LATENCY, (6,), (1.,), 8) == latency_ms(6, 8)
-    assert cascade.cascade_latency(LATENCY, (3, 12), (1., 0.), 8) == latency_ms(3, 8)
+def test_cascade_latency_sums_each_batchs_stage_times():
+    # Hand-made exits of 3 batches of 4: stage 2 runs on 0, 2 and 3 images; 3 images are interpolated between the
+    # measured sizes 2 and 4, 0 images cost nothing.
+    stages = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]])
+    at3 = {n: (latency_ms(9, 2)[i] + latency_ms(9, 4)[i]) / 2 for n, i in (('mean', 0), ('p90', 1))}
+    central = [latency_ms(3, 4)[0], latency_ms(3, 4)[0] + latency_ms(9, 2)[0], latency_ms(3, 4)[0] + at3['mean']]
+    tail = [latency_ms(3, 4)[1], latency_ms(3, 4)[1] + latency_ms(9, 2)[1], latency_ms(3, 4)[1] + at3['p90']]
+    mean, median, p90 = cascade.cascade_latency(stages, (3, 9), LATENCY)
+    assert mean == pytest.approx(sum(central) / 3, abs=1e-12) and median == pytest.approx(central[1], abs=1e-12)
+    # numpy's linear percentile of 3 values: 80 % of the way from the 2nd to the 3rd
+    assert p90 == pytest.approx(tail[1] + 0.8 * (tail[2] - tail[1]), abs=1e-12)
+    # padded to buckets: 3 images cost what 4 do
+    assert cascade.cascade_latency(stages[2:], (3, 9), LATENCY, buckets=[1, 2, 4])[0] == pytest.approx(
+        latency_ms(3, 4)[0] + latency_ms(9, 4)[0], abs=1e-12)
+    # a fixed k is its table
+    assert cascade.cascade_latency(torch.zeros(5, 8, dtype=torch.long), (6,), LATENCY) == (
+        latency_ms(6, 8)[0], latency_ms(6, 8)[0], pytest.approx(latency_ms(6, 8)[1], abs=1e-12))
     with pytest.raises(ValueError, match=r'no latency measured at or above batch size 9 \(largest: 8\)'):
-        cascade.cascade_latency(LATENCY, (3,), (1.,), 9)
+        cascade.cascade_latency(torch.zeros(1, 9, dtype=torch.long), (3,), LATENCY)
+
+
+def test_policy_rows_price_cascades_on_batches_of_the_images():
+    records = make_records()
+    spec = cascade.fit_spec(records, Recipe((3, 9), 0.6), 'entropy')
+    went_on = (cascade.exit_stages(records, spec) == 1).double().mean().item()
+    # Batch 1: every image once, so the mean is exactly L3(1) + p L9(1); stage 2 runs on 40 % > 10 % of the calls.
+    row = cascade.policy_row(records, spec, costs(1))
+    assert row['latency_ms_mean'] == pytest.approx(latency_ms(3, 1)[0] + went_on * latency_ms(9, 1)[0], abs=1e-12)
+    assert row['latency_ms_p90'] == pytest.approx(latency_ms(3, 1)[1] + latency_ms(9, 1)[1], abs=1e-12)
+    # Batch 8: the figures of 200 seeded batches drawn so that every image counts equally often.
+    draws = cascade.latency_draws(records.num_images, 8)
+    assert draws.shape == (200, 8) and torch.bincount(draws.flatten()).tolist() == [8] * 200
+    mean, _, p90 = cascade.cascade_latency(cascade.exit_stages(records, spec, draws), (3, 9), LATENCY)
+    row = cascade.policy_row(records, spec, costs(8))
+    assert (row['latency_ms_mean'], row['latency_ms_p90']) == (mean, p90)
+    assert row['throughput'] == pytest.approx(8e3 / mean)
 
 
 # --- the search space and the split discipline ------------------------------------------------------------------

@@ -15,7 +15,7 @@ import hydravit  # noqa: F401  registers the models
 from hydravit.deploy import serve_bench
 from hydravit.deploy.cascade import CascadeRunner
 from hydravit.deploy.runtime import CascadeController, ElasticCascadeRunner, OperatingPoint, operating_frontier
-from hydravit.evaluation.cascade import CascadeRecords, CascadeSpec, exit_stages
+from hydravit.evaluation.cascade import CascadeRecords, CascadeSpec, batch_draws, cascade_latency, exit_stages
 
 B = 10
 COST = {3: 2., 6: 4., 12: 10.}  # ms per call of a full batch at k without load; a sub-batch of n pays n / B of it
@@ -165,17 +165,16 @@ def synthetic_records(n: int = 50) -> CascadeRecords:
 
 
 def test_batch_draws_cover_every_image_about_equally():
-    draws = serve_bench.batch_draws(50, 16, 200, seed=0)
+    draws = batch_draws(50, 16, 200, seed=0)
     counts = torch.bincount(draws.flatten(), minlength=50)
     assert draws.shape == (200, 16) and counts.max() - counts.min() <= 1
-    assert torch.equal(draws, serve_bench.batch_draws(50, 16, 200, seed=0))
+    assert torch.equal(draws, batch_draws(50, 16, 200, seed=0))
 
 
 def test_capped_point_caps_reruns_at_their_p90_and_prices_the_capped_batches():
     records, b = synthetic_records(), 16
-    draws = serve_bench.batch_draws(records.num_images, b, 200, seed=0)
-    table = {3: np.array([[1, 8, 16], [1., 2., 3.], [1.1, 2.2, 3.3]]),
-             12: np.array([[1, 8, 16], [2., 10., 20.], [2.2, 11., 22.]])}
+    draws = batch_draws(records.num_images, b, 200, seed=0)
+    table = {3: {1: (1., 1.1), 8: (2., 2.2), 16: (3., 3.3)}, 12: {1: (2., 2.2), 8: (10., 11.), 16: (20., 22.)}}
     spec = CascadeSpec((3, 12), 'entropy', (0.5,))
     point = serve_bench.capped_point(records, spec, draws, table)
     reruns = (exit_stages(records, spec, draws) >= 1).sum(1)
@@ -186,10 +185,10 @@ def test_capped_point_caps_reruns_at_their_p90_and_prices_the_capped_batches():
     # top-1: the draws' answers (k=12 right on all, k=3 wrong on the unsure it keeps)
     assert point.top1 == pytest.approx(100. * float((capped == 1).double().mean()
                                                     + ((capped == 0) & (records.pred[3][draws] == 0)).double().mean()))
-    median, p90 = serve_bench.cascade_latency(capped, spec.ladder, table)
+    _, median, p90 = cascade_latency(capped, spec.ladder, table)
     assert (point.latency_ms, point.latency_ms_p90) == (median, p90)
     # the cap leaves the 9 batches in 10 under it as they were (the same p90) and cuts the tenth down to it
-    assert p90 == serve_bench.cascade_latency(exit_stages(records, spec, draws), spec.ladder, table)[1]
+    assert p90 == cascade_latency(exit_stages(records, spec, draws), spec.ladder, table)[2]
     assert p90 == pytest.approx(3.3 + np.interp(cap, [1, 8, 16], [2.2, 11., 22.]))
     # three stages: each stage's cap at the p90 of what goes on past it, given the caps before it
     wide = CascadeRecords([3, 6, 12], records.target, {**records.pred, 6: records.pred[3]},

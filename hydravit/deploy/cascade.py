@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from ..evaluation.cascade import CascadeSpec, cap_reruns, confidence, exits
+from ..evaluation.cascade import CascadeSpec, bucket_size, cap_reruns, confidence, exits
 from ..evaluation.cuda_graph import GraphBackend, GraphCache
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
@@ -148,17 +148,6 @@ def onnx_stages(paths: Union[str, Path, Mapping[int, Union[str, Path]]], ladder:
             return torch.from_numpy(logits).to(images.device)
         return run
     return {k: stage(k) for k in ladder}
-
-
-def bucket_size(n: int, buckets: Optional[Sequence[int]]) -> int:
-    """The smallest of ``buckets`` that holds ``n`` images (``n`` itself without buckets). ``ValueError`` when none
-    does."""
-    if not buckets:
-        return n
-    fitting = [b for b in buckets if b >= n]
-    if not fitting:
-        raise ValueError(f'a sub-batch of {n} images fits none of the buckets {sorted(buckets)}')
-    return min(fitting)
 
 
 class CascadeRunner:

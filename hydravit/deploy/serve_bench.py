@@ -30,7 +30,6 @@ and reports mean +- std over the repeats. ``OUTPUT/serve_bench.json`` keeps the 
 call of every run and the summaries; ``OUTPUT/serve_bench.png`` plots the first repeat.
 """
 import argparse
-import math
 import os
 import sys
 from collections import Counter
@@ -48,7 +47,9 @@ from ..evaluation.accuracy import evaluate_heads
 from ..evaluation.cascade import (
     CascadeRecords,
     CascadeSpec,
+    batch_draws,
     cascade_candidates,
+    cascade_latency,
     collect_records,
     evaluate_cascade,
     exit_stages,
@@ -71,7 +72,7 @@ from ..evaluation.common import (
 )
 from ..evaluation.cuda_graph import GraphCache, heads_forward
 from ..evaluation.environment import device_info
-from .cascade import CascadeOutput, CascadeRunner, bucket_size, default_buckets, eager_stages, graph_stages
+from .cascade import CascadeOutput, CascadeRunner, default_buckets, eager_stages, graph_stages
 from .load import CpuLoad, Segment, load_on, load_windows, parse_schedule, total_seconds
 from .pick import NoFit, choose
 from .runtime import ElasticCascadeRunner, ElasticRunner, OperatingPoint, operating_frontier
@@ -84,6 +85,7 @@ RERUN_CAP_QUANTILE = 0.9  # a cascade's re-runs per batch are capped where 9 in 
 # answers, images in the batch; a cascade policy's calls add the mean k that answered the batch's images.
 Call = Tuple[float, ...]
 Batch = Tuple[torch.Tensor, torch.Tensor]
+LatencyTable = Dict[int, Dict[int, Tuple[float, float]]]  # k -> sub-batch size -> (median ms, p90 ms)
 SUMMARY_KEYS = ('policy', 'k', 'calls', 'images', 'within_budget', 'within_budget_load', 'within_budget_no_load',
                 'top1', 'top1_load', 'goodput', 'goodput_load', 'goodput_no_load', 'mean_k', 'mean_k_load',
                 'latency_ms_p90', 'recovery_s', 'runner_us_per_call', 'outside_heads')
@@ -344,23 +346,14 @@ def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibrat
     return points + [capped_point(records, spec, draws, table, _buckets(args, batch_size)) for spec in specs]
 
 
-def batch_draws(num_images: int, batch_size: int, count: int, seed: int) -> torch.Tensor:
-    """``(count, batch_size)`` record indices: seeded random batches cut from consecutive permutations of the images,
-    so every image appears about equally often (an uncapped cascade's figures on them are its figures on the images)."""
-    generator = torch.Generator().manual_seed(seed)
-    rounds = math.ceil(count * batch_size / num_images)
-    order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(rounds)])
-    return order[:count * batch_size].view(count, batch_size)
-
-
-def capped_point(records: CascadeRecords, spec: CascadeSpec, draws: torch.Tensor, table: Dict[int, np.ndarray],
+def capped_point(records: CascadeRecords, spec: CascadeSpec, draws: torch.Tensor, table: LatencyTable,
                  buckets: Optional[Sequence[int]] = None) -> OperatingPoint:
     """``spec`` as an operating point: the images that go on past each stage but the last capped, stage by stage,
     at their ``RERUN_CAP_QUANTILE`` over ``draws`` (``(M, B)`` record indices), so the one batch in ten that would
     re-run more is answered partly at the earlier stage instead of running over the budget
-    (``CascadeSpec.rerun_cap``; no cap where none binds). Top-1: of the draws' answers; latency: per batch the per-k
-    latency at each stage's sub-batch size (``table``, ``sub_batch_latency``), summed; the median of the medians'
-    sums and the p90 of the p90s' sums."""
+    (``CascadeSpec.rerun_cap``; no cap where none binds). Top-1: of the draws' answers; latency: the evaluation
+    core's ``cascade_latency`` on the draws with ``table`` (``sub_batch_latency``): the median of the batches' summed
+    medians and the p90 of their summed p90s."""
     caps = [1.] * (len(spec.ladder) - 1)
     for s in range(len(caps)):
         went_on = (exit_stages(records, replace(spec, rerun_cap=tuple(caps)), draws) > s).sum(1).double()
@@ -368,13 +361,13 @@ def capped_point(records: CascadeRecords, spec: CascadeSpec, draws: torch.Tensor
         caps[s] = cap / draws.shape[1] if cap < went_on.max() else 1.
     spec = replace(spec, rerun_cap=tuple(caps) if min(caps, default=1.) < 1 else ())
     top1 = evaluate_cascade(records, spec, {k: 0. for k in spec.ladder}, draws).top1
-    median, p90 = cascade_latency(exit_stages(records, spec, draws), spec.ladder, table, buckets)
+    _, median, p90 = cascade_latency(exit_stages(records, spec, draws), spec.ladder, table, buckets)
     return OperatingPoint(spec, top1, median, p90)
 
 
 def sub_batch_latency(session: EvalSession, forward, calibration: Sequence[Row], example: torch.Tensor,
-                      batch_size: int) -> Dict[int, np.ndarray]:
-    """Per served k: an array ``(sizes, median ms, p90 ms)`` at the sub-batch sizes a cascade's later stages see
+                      batch_size: int) -> LatencyTable:
+    """Per served k: ``{size: (median ms, p90 ms)}`` at the sub-batch sizes a cascade's later stages see
     (the powers of two below the batch, and the batch itself, whose figures are the calibration's), measured like
     ``calibrate`` for half of ``--calibration-time`` each."""
     sizes = default_buckets(batch_size)
@@ -388,24 +381,8 @@ def sub_batch_latency(session: EvalSession, forward, calibration: Sequence[Row],
                                                      session.device, warmup=3,
                                                      budget_s=session.args.calibration_time / 2)
                         for n in sizes[:-1]] + [row]
-            table[k] = np.array([sizes, [m['latency_ms_median'] for m in measured],
-                                 [m['latency_ms_p90'] for m in measured]], dtype=float)
+            table[k] = {n: (m['latency_ms_median'], m['latency_ms_p90']) for n, m in zip(sizes, measured, strict=True)}
     return table
-
-
-def cascade_latency(stages: torch.Tensor, ladder: Sequence[int], table: Dict[int, np.ndarray],
-                    buckets: Optional[Sequence[int]] = None) -> Tuple[float, float]:
-    """(median, p90) ms of a cascade's calls on batches whose images exit at ``stages`` ``(draws, B)``: per batch the
-    latency of each stage that runs (stage s runs the images with stage index >= s, padded up to ``buckets`` when
-    given) from ``table``, interpolated between measured sizes, summed."""
-    medians, p90s = np.zeros(stages.shape[0]), np.zeros(stages.shape[0])
-    for s, k in enumerate(ladder):
-        n = (stages >= s).sum(1).numpy()
-        size = np.array([bucket_size(int(m), buckets) if m else 0 for m in n], dtype=float)
-        sizes, median, p90 = table[k]
-        medians += np.where(n > 0, np.interp(size, sizes, median), 0.)
-        p90s += np.where(n > 0, np.interp(size, sizes, p90), 0.)
-    return float(np.median(medians)), float(np.percentile(p90s, 90))
 
 
 def _buckets(args: argparse.Namespace, batch_size: int) -> Optional[List[int]]:

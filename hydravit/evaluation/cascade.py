@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 RULES = ('entropy', 'max_prob')
@@ -323,6 +324,7 @@ def format_summary(rows: Sequence[dict], stages: int) -> str:
 # Nine shares, dense where cascades operate: most images are easy, so stage 1 answers most of them (ThinkingViT's
 # operating points, and digits seed 0, where the useful thresholds let 93-97 % exit: a choice made after looking at it).
 DEFAULT_EXIT_SHARES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+LATENCY_DRAWS = 200  # random batches a cascade's call time is estimated on (latency_draws)
 # Objectives of a policy row and whether more is better (top1 is the accuracy; the rest are costs). Not peak_mb:
 # a cascade's is its largest stage's, so it would keep every narrower fixed k on the frontier; it is a bound only.
 POLICY_COSTS = (('gmacs', False), ('latency_ms_mean', False), ('latency_ms_p90', False), ('throughput', True))
@@ -427,45 +429,63 @@ def interpolate_ms(points: Dict[int, float], size: float) -> float:
     raise AssertionError('unreachable')
 
 
-def _binomial_pmf(n: int, p: float) -> List[float]:
-    if p <= 0 or p >= 1:
-        return [float(x == (n if p >= 1 else 0)) for x in range(n + 1)]
-    lp, lq = math.log(p), math.log1p(-p)
-    return [math.exp(math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(n - x + 1) + x * lp + (n - x) * lq)
-            for x in range(n + 1)]
+def batch_draws(num_images: int, batch_size: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``(count, batch_size)`` image indices: seeded random batches cut from consecutive permutations of the
+    images, so every image appears about equally often (counts differ by at most one): a cascade's figures on them
+    are its figures on the images, and at ``count * batch_size == num_images`` exactly so."""
+    generator = torch.Generator().manual_seed(seed)
+    rounds = math.ceil(count * batch_size / num_images)
+    order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(rounds)])
+    return order[:count * batch_size].view(count, batch_size)
 
 
-def cascade_latency(latency: Dict[int, Dict[int, Tuple[float, float]]], ladder: Sequence[int],
-                    reach: Sequence[float], batch_size: int) -> Tuple[float, float]:
-    """Expected and p90 milliseconds of one cascade call on ``batch_size`` images, from per-k call times at measured
-    batch sizes (``latency[k][b] = (mean_ms, p90_ms)``). ``reach[s]``: share of images that run stage s (1 for the
-    first). With images drawn independently, stage s sees X_s ~ Binomial(batch_size, reach[s]) images (stage 1: all
-    of them); the mean is the sum over stages of E[mean_ms(X_s)] (0 ms for an empty sub-batch), the p90 the sum of
-    each stage's p90_ms at the 90th percentile of X_s, which over-states the p90 of the sum (conservative). Call
-    times between measured sizes are interpolated (``interpolate_ms``); the runner's own gathering is not counted."""
-    mean = p90 = 0.
-    for k, p in zip(ladder, reach, strict=True):
-        means = {b: m for b, (m, _) in latency[k].items()}
-        pmf = _binomial_pmf(batch_size, min(max(float(p), 0.), 1.))
-        mean += sum(q * interpolate_ms(means, x) for x, q in enumerate(pmf) if q > 0)
-        cdf, x90 = 0., batch_size
-        for x, q in enumerate(pmf):
-            cdf += q
-            if cdf >= 0.9 - 1e-12:
-                x90 = x
-                break
-        p90 += interpolate_ms({b: v for b, (_, v) in latency[k].items()}, x90)
-    return mean, p90
+def latency_draws(num_images: int, batch_size: int) -> torch.Tensor:
+    """The batches ``policy_row`` prices a cascade's calls on: ``LATENCY_DRAWS`` of them, or enough that every
+    image is in one (at batch 1: each image once, so the mean is exact)."""
+    return batch_draws(num_images, batch_size, max(LATENCY_DRAWS, math.ceil(num_images / batch_size)))
+
+
+def bucket_size(n: int, buckets: Optional[Sequence[int]]) -> int:
+    """The smallest of ``buckets`` that holds ``n`` images (``n`` itself without buckets). ``ValueError`` when none
+    does."""
+    if not buckets:
+        return n
+    fitting = [b for b in buckets if b >= n]
+    if not fitting:
+        raise ValueError(f'a sub-batch of {n} images fits none of the buckets {sorted(buckets)}')
+    return min(fitting)
+
+
+def cascade_latency(stages: torch.Tensor, ladder: Sequence[int], latency: Dict[int, Dict[int, Tuple[float, float]]],
+                    buckets: Optional[Sequence[int]] = None) -> Tuple[float, float, float]:
+    """(mean, median, p90) milliseconds of one cascade call, over batches whose images exit at ``stages``
+    (``(M, B)``, ``exit_stages(..., batches=)``): per batch, each stage that runs (stage s on the images with stage
+    index >= s, padded up to the smallest of ``buckets`` when given) costs its k's time at that sub-batch size from
+    ``latency[k][b] = (central_ms, p90_ms)`` (a mean or a median, and a p90, of one call on b images; sizes
+    between the measured ones interpolated, ``interpolate_ms``); the mean and the median are of the batches' summed
+    central times, the p90 the 90th percentile of their summed p90 times. The runner's own gathering is not
+    counted."""
+    central, tail = np.zeros(stages.shape[0]), np.zeros(stages.shape[0])
+    for s, k in enumerate(ladder):
+        sizes = (stages >= s).sum(1).tolist()
+        times = {n: (interpolate_ms({b: c for b, (c, _) in latency[k].items()}, bucket_size(n, buckets)),
+                     interpolate_ms({b: p for b, (_, p) in latency[k].items()}, bucket_size(n, buckets)))
+                 for n in set(sizes) if n}
+        central += [times[n][0] if n else 0. for n in sizes]
+        tail += [times[n][1] if n else 0. for n in sizes]
+    return float(central.mean()), float(np.median(central)), float(np.percentile(tail, 90))
 
 
 def policy_row(records: CascadeRecords, spec: CascadeSpec, costs: PolicyCosts) -> dict:
     """The figures of ``spec`` on ``records``: top1, top5 (%), gmacs (mean per image), latency_ms_mean and
-    latency_ms_p90 (one call on ``costs.batch_size`` images, ``cascade_latency``), throughput (img/s at
-    ``costs.throughput_batch``), peak_mb (the largest stage's), stage_share (% answered per stage)."""
+    latency_ms_p90 (one call on ``costs.batch_size`` images: ``cascade_latency`` on ``latency_draws``), throughput
+    (img/s at ``costs.throughput_batch``), peak_mb (the largest stage's), stage_share (% answered per stage)."""
     result = evaluate_cascade(records, spec, costs.gmacs)
-    reach = [min(1., sum(result.stage_share[s:]) / 100.) for s in range(len(spec.ladder))]
-    mean, p90 = cascade_latency(costs.latency, spec.ladder, reach, costs.batch_size)
-    batch_mean, _ = cascade_latency(costs.latency, spec.ladder, reach, costs.throughput_batch)
+    mean, _, p90 = cascade_latency(exit_stages(records, spec, latency_draws(records.num_images, costs.batch_size)),
+                                   spec.ladder, costs.latency)
+    batch_mean, _, _ = cascade_latency(
+        exit_stages(records, spec, latency_draws(records.num_images, costs.throughput_batch)), spec.ladder,
+        costs.latency)
     return {'top1': result.top1, 'top5': result.top5, 'gmacs': result.mean_gmacs, 'latency_ms_mean': mean,
             'latency_ms_p90': p90, 'throughput': costs.throughput_batch * 1e3 / batch_mean if batch_mean else math.inf,
             'peak_mb': max(costs.peak_mb[k] for k in spec.ladder), 'stage_share': result.stage_share}
