@@ -24,6 +24,7 @@ OUT/cascade.png (top-1 against mean GMACs: the fixed-k curve and the cross-fitte
 """
 import argparse
 import csv
+import hashlib
 import json
 import statistics
 import subprocess
@@ -80,14 +81,32 @@ def record_run(run: Path, data: str, path: Path) -> None:
     state = records.state_dict()
     state['scores'] = {r: {k: [float(f'{v:.9g}') for v in values] for k, values in per_k.items()}
                        for r, per_k in state['scores'].items()}
-    source = {'checkpoint': str(run / 'model_best.pth.tar'), 'weights': 'ema', 'data': data, 'split': 'validation',
-              'recorded': time.strftime('%Y-%m-%d'), 'commit': _commit()}
+    source = {'checkpoint': str(run / 'model_best.pth.tar'), 'sha256': checkpoint_sha256(run), 'weights': 'ema',
+              'data': data, 'split': 'validation', 'recorded': time.strftime('%Y-%m-%d'), 'commit': _commit()}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {'source': source, 'gmacs': {str(k): v for k, v in gmacs.items()}, 'records': state})
 
 
+def checkpoint_sha256(run: Path) -> str:
+    return hashlib.sha256((run / 'model_best.pth.tar').read_bytes()).hexdigest()
+
+
+def check_records_source(path: Path, run: Path) -> None:
+    """Refuse records that a different checkpoint of the same run folder wrote (a seed trained again, e.g. in a
+    later session): the tables would silently mix the two."""
+    if not (run / 'done').is_file():
+        return
+    recorded = json.loads(path.read_text())['source'].get('sha256')
+    if recorded is not None and recorded != checkpoint_sha256(run):
+        raise SystemExit(f'{path}: recorded from another checkpoint than {run / "model_best.pth.tar"} (sha256 '
+                         f'{recorded[:12]}...): delete the records file to record this one, or move the run away')
+
+
 def _commit() -> Optional[str]:
-    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git here
+        return None
     return out.stdout.strip() or None
 
 
@@ -207,7 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in args.datasets:
         for seed in args.seeds:
             run, path = args.runs / name / f'seed{seed}', args.out / 'records' / f'{name}_seed{seed}.json'
-            if not path.is_file():
+            if path.is_file():
+                check_records_source(path, run)
+            else:
                 if not (run / 'done').is_file():
                     print(f'{name} seed {seed}: no records ({path}) and no finished run ({run}): left out', flush=True)
                     continue

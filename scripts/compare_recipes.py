@@ -450,7 +450,8 @@ def plan_text(recipe: Recipe) -> str:
 
 
 def _gmacs_text(values: Sequence[float]) -> str:
-    return f'{statistics.mean(values):,.0f}' if values else ''
+    mean = statistics.mean(values) if values else math.nan
+    return f'{mean:,.0f}' if math.isfinite(mean) else ''  # unknown (no source run recorded): blank, not 'nan'
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -618,7 +619,7 @@ def targets_table(rows: List[dict]) -> str:
         vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
         gaps = [round(means[k] - dedicated[k], 6) + 0.0 for k in ded_ks]
         met = vs_paper >= 0 and all(g >= -0.5 for g in gaps) and len(ded_ks) == 4
-        body.append([name, f'{_compute_multiple(rows, name):.0f}x', _gmacs_vs(rows, name),
+        body.append([name, _times(_compute_multiple(rows, name), 0), _gmacs_vs(rows, name),
                      _gmacs_vs(rows, name, 'dedicated_k12'), _beyond_source(rows, name), f'{vs_paper:+.2f}',
                      *(f'{g:+.2f}' for g in gaps), 'yes' if met else 'no'])
     head = ['recipe', 'compute', 'GMACs vs sandwich_e40', 'GMACs vs dedicated k=12', 'beyond source', 'vs paper',
@@ -635,7 +636,7 @@ def targets_table(rows: List[dict]) -> str:
 def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') -> str:
     ref = [training_gmacs(r, rows) for r in rows if r['recipe'] == reference]
     mine = [training_gmacs(r, rows) for r in rows if r['recipe'] == recipe]
-    return f'{statistics.mean(mine) / statistics.mean(ref):.2f}x' if ref and mine else ''
+    return _times(statistics.mean(mine) / statistics.mean(ref)) if ref and mine else ''
 
 
 def _beyond_source(rows: List[dict], recipe: str) -> str:
@@ -645,7 +646,12 @@ def _beyond_source(rows: List[dict], recipe: str) -> str:
         return ''
     total = statistics.mean(training_gmacs(r, rows) for r in runs)
     source = statistics.mean(source_gmacs(r, rows) for r in runs)
-    return f'{(total - source) / source:.2f}x'
+    return _times((total - source) / source)
+
+
+def _times(ratio: float, digits: int = 2) -> str:
+    """``1.95x``; '' for a figure that is not known (a source run not recorded: NaN)."""
+    return f'{ratio:.{digits}f}x' if math.isfinite(ratio) else ''
 
 
 def _column_order(key: str):
@@ -689,8 +695,8 @@ def _legend(rows: List[dict], recipe: str, seeds: int) -> str:
     """``recipe (seeds, compute multiple, training GMACs = multiple of the dedicated 12-head ViT's)``."""
     label = f'{recipe} ({seeds} seed{"s" if seeds > 1 else ""}'
     if any(r['recipe'] == 'paper_uniform' for r in rows):
-        label += f', {_compute_multiple(rows, recipe):.0f}x compute'
-    label += f', {_gmacs_text([training_gmacs(r, rows) for r in rows if r["recipe"] == recipe])} GMACs'
+        label += f', {_times(_compute_multiple(rows, recipe), 0) or "?"} compute'
+    label += f', {_gmacs_text([training_gmacs(r, rows) for r in rows if r["recipe"] == recipe]) or "?"} GMACs'
     vs_k12 = _gmacs_vs(rows, recipe, 'dedicated_k12')
     return label + (f' = {vs_k12} k=12' if vs_k12 else '') + ')'
 

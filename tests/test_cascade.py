@@ -157,6 +157,12 @@ def test_rerun_cap_sends_on_the_least_confident_and_ties_by_position():
     assert result.num_images == 12 and result.top1 == pytest.approx(200 / 3)
     assert result.mean_gmacs == pytest.approx(1 + 10 * 8 / 12)
     assert result.stage_share == pytest.approx([100 / 3, 200 / 3])
+    # a smaller batch (a stream's last): the share rounded up, so at least one image still goes on
+    assert [spec.rerun_limit(0, n) for n in (6, 5, 3, 1)] == [4, 4, 2, 1]
+    short = torch.tensor([[5, 4, 3]])
+    assert exit_stages(records, spec, short).tolist() == [[1, 0, 1]]  # 5 and 3 the least confident of the three
+    out = CascadeRunner(table_stages(CAP_LOGITS), spec)(short[0].float()[:, None])
+    assert out.stage.tolist() == [1, 0, 1] and out.batch_sizes == [3, 2]
     # a cap of 0: nothing goes on; a cap of 1 changes nothing
     assert exit_stages(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(0.,)), batches).sum() == 0
     assert torch.equal(exit_stages(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(1.,)), batches),

@@ -90,8 +90,10 @@ def test_cascade_latency_sums_each_batchs_stage_times():
     tail = [latency_ms(3, 4)[1], latency_ms(3, 4)[1] + latency_ms(9, 2)[1], latency_ms(3, 4)[1] + at3['p90']]
     mean, median, p90 = cascade.cascade_latency(stages, (3, 9), LATENCY)
     assert mean == pytest.approx(sum(central) / 3, abs=1e-12) and median == pytest.approx(central[1], abs=1e-12)
-    # numpy's linear percentile of 3 values: 80 % of the way from the 2nd to the 3rd
-    assert p90 == pytest.approx(tail[1] + 0.8 * (tail[2] - tail[1]), abs=1e-12)
+    # the nearest-rank p90 of 3 values (the runtime's rule): the ceil(2.7) = 3rd smallest
+    assert p90 == pytest.approx(max(tail), abs=1e-12)
+    mean, median, p90 = cascade.cascade_latency(stages.repeat(4, 1)[:10], (3, 9), LATENCY)  # 4, 3, 3 of each batch
+    assert p90 == pytest.approx(sorted(tail * 4)[8], abs=1e-12)  # the 9th smallest of 10
     # padded to buckets: 3 images cost what 4 do
     assert cascade.cascade_latency(stages[2:], (3, 9), LATENCY, buckets=[1, 2, 4])[0] == pytest.approx(
         latency_ms(3, 4)[0] + latency_ms(9, 4)[0], abs=1e-12)
@@ -103,20 +105,28 @@ def test_cascade_latency_sums_each_batchs_stage_times():
 
 
 def test_policy_rows_price_cascades_on_batches_of_the_images():
-    records = make_records()
+    # 150 images (fewer than the 200 draws): stage 2 of 3 -> 9 runs on the images whose k=3 entropy is over T.
+    records = make_records(n=150)
     spec = cascade.fit_spec(records, Recipe((3, 9), 0.6), 'entropy')
-    went_on = (cascade.exit_stages(records, spec) == 1).double().mean().item()
-    # Batch 1: every image once, so the mean is exactly L3(1) + p L9(1); stage 2 runs on 40 % > 10 % of the calls.
+    goes_on = (records.scores['entropy'][3] > spec.thresholds[0]).tolist()
+    p = sum(goes_on) / 150
+    # Batch 1: every image priced equally often, so the mean is exactly L3(1) + p L9(1); p > 10 %: the p90 call
+    # runs both stages.
     row = cascade.policy_row(records, spec, costs(1))
-    assert row['latency_ms_mean'] == pytest.approx(latency_ms(3, 1)[0] + went_on * latency_ms(9, 1)[0], abs=1e-12)
+    assert row['latency_ms_mean'] == pytest.approx(latency_ms(3, 1)[0] + p * latency_ms(9, 1)[0], abs=1e-12)
     assert row['latency_ms_p90'] == pytest.approx(latency_ms(3, 1)[1] + latency_ms(9, 1)[1], abs=1e-12)
-    # Batch 8: the figures of 200 seeded batches drawn so that every image counts equally often.
-    draws = cascade.latency_draws(records.num_images, 8)
-    assert draws.shape == (200, 8) and torch.bincount(draws.flatten()).tolist() == [8] * 200
-    mean, _, p90 = cascade.cascade_latency(cascade.exit_stages(records, spec, draws), (3, 9), LATENCY)
+    # Batch 8: whole rounds of the images (lcm(150, 8) / 8 = 75 batches a round, 3 rounds >= 200): every image 24
+    # times; by linearity of the per-image cost the mean is L3(8) plus the mean cost of the sub-batches.
+    draws = cascade.latency_draws(150, 8)
+    assert draws.shape == (225, 8) and torch.bincount(draws.flatten()).tolist() == [12] * 150
+    sub = [sum(goes_on[i] for i in batch) for batch in draws.tolist()]
+    per_size = {n: (0. if n == 0 else latency_ms(9, n)[0] if n in SIZES else
+                    (latency_ms(9, 4)[0] * (8 - n) + latency_ms(9, 8)[0] * (n - 4)) / 4 if n > 4 else
+                    (latency_ms(9, 2)[0] + latency_ms(9, 4)[0]) / 2) for n in set(sub)}
     row = cascade.policy_row(records, spec, costs(8))
-    assert (row['latency_ms_mean'], row['latency_ms_p90']) == (mean, p90)
-    assert row['throughput'] == pytest.approx(8e3 / mean)
+    expected = latency_ms(3, 8)[0] + sum(per_size[n] for n in sub) / len(sub)
+    assert row['latency_ms_mean'] == pytest.approx(expected, abs=1e-12)
+    assert row['throughput'] == pytest.approx(8e3 / expected)
 
 
 # --- the search space and the split discipline ------------------------------------------------------------------

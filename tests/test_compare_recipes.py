@@ -1,6 +1,7 @@
 """scripts/compare_recipes.py without training: the plan, resuming from recorded rows, the report."""
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,14 @@ def test_budget_configs_are_exactly_their_compared_entries():
     assert (warmup.full_warmup_epochs, warmup.epochs, warmup.inplace_kd, warmup.teacher) == (18, 28, True, '')
     assert (teacher.teacher, teacher.teacher_heads, teacher.teacher_kwargs, teacher.epochs, teacher.inplace_kd) == (
         compare.MODEL, 12, {'num_classes': 10}, 8, False)
+
+
+def test_unknown_source_compute_is_blank_not_nan():
+    # a converted entry whose source run is not recorded: its GMACs are unknown, never printed as 'nan' or as cheap
+    rows = [_row('convert_ft10', 0, 90.0), _row('sandwich_e40', 0, 90.0)]
+    assert math.isnan(compare.training_gmacs(rows[0], rows))
+    assert compare._beyond_source(rows, 'convert_ft10') == '' and compare._gmacs_vs(rows, 'convert_ft10') == ''
+    assert 'nan' not in compare._legend(rows, 'convert_ft10', 1)
+    assert 'source_gmacs' not in compare.gmacs_columns(rows[0], rows)
+    rows.append(_row('dedicated_k12', 0, 90.0))
+    assert compare._beyond_source(rows, 'convert_ft10').endswith('x')

@@ -153,8 +153,8 @@ def onnx_stages(paths: Union[str, Path, Mapping[int, Union[str, Path]]], ladder:
 class CascadeRunner:
     """Runs ``spec`` (a ``CascadeSpec``) on batches with one stage callable per k of its ladder (see module doc).
 
-    ``thresholds`` can be changed between calls (``runner.spec = replace(runner.spec, thresholds=...)``): the load
-    controller does so to trade accuracy for latency.
+    ``spec`` can be replaced between calls (``runner.spec = other_spec``, thresholds and re-run caps with it): the
+    load controller does so to trade accuracy for latency.
     """
 
     def __init__(self, stages: Dict[int, Stage], spec: CascadeSpec, buckets: Optional[Sequence[int]] = None) -> None:

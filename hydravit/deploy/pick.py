@@ -326,9 +326,9 @@ def format_search(search: Search, result: dict, bounds: Dict[str, float]) -> str
         f'split: 2-fold cross-fitting on the {split["images"]} images (stratified halves of '
         f'{split["halves"][0]} and {split["halves"][1]}, --seed {split["seed"]}): thresholds and the choice are '
         'fitted on one half, every figure below is measured on the other; halves swapped, the two averaged',
-        f'latency: one call on a batch of {lat["batch_size"]} (-b; a cascade stage at its expected sub-batch, '
-        f'Binomial, from the per-batch times of the profile; p90 summed over stages); img/s at batch '
-        f'{lat["throughput_batch"]}',
+        f'latency: one call on a batch of {lat["batch_size"]} (-b; a cascade priced on seeded batches of the '
+        f'images, each stage at its sub-batch from the per-batch times of the profile, summed: mean, and p90 of '
+        f'the summed p90s); img/s at batch {lat["throughput_batch"]}',
     ]
     table = [[' ', 'policy'] + [title for _, title, _ in SEARCH_COLUMNS] + ['answered % per stage']]
     for row in result['frontier']:

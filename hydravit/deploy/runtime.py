@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ..cli import parse_heads
-from ..evaluation.cascade import CascadeSpec
+from ..evaluation.cascade import CascadeSpec, nearest_rank
 from ..evaluation.common import Row
 from ..evaluation.cuda_graph import GraphBackend, GraphCache, heads_forward
 from ..evaluation.throughput import time_call
@@ -179,7 +179,7 @@ class HeadController:
     def _step_up(self, now: float) -> None:
         blocked = [k for k, until in self._blocked_until.items() if until > now and k > self.k]
         ceiling = min(blocked, default=self.heads[-1] + 1)
-        p = _nearest_rank(sorted(self._recent), self.quantile)
+        p = nearest_rank(self._recent, self.quantile)
         entry_ms = self.budget_ms * (1 - self.up_margin)
         # A k predicted to fit is entered unless it failed recently; a prediction of clear headroom overrides that.
         fitting = [k for k in self.heads if k > self.k and (
@@ -303,7 +303,7 @@ class ElasticRunner:
 class OperatingPoint:
     """One way to serve a batch and what calibration says of it: ``spec`` (a cascade; a single k is a fixed width),
     ``top1`` (%, calibrated on images the benchmark does not report on), ``latency_ms`` (median per call at the
-    serving batch without load: the controller's seed cost) and ``latency_ms_p90`` (the start's criterion)."""
+    serving batch without load) and ``latency_ms_p90`` (the controller's seed cost and the start's criterion)."""
 
     spec: CascadeSpec
     top1: float
@@ -350,9 +350,8 @@ class CascadeController(HeadController):
     def __init__(self, points: Sequence[OperatingPoint], budget_ms: float, min_top1: Optional[float] = None,
                  up_margin: float = 0.05, **kwargs) -> None:
         self.points = operating_frontier(points, min_top1)
-        rows = [{'heads': i, 'latency_ms_median': p.latency_ms_p90, 'latency_ms_p90': p.latency_ms_p90,
-                 'top1': p.top1} for i, p in enumerate(self.points)]
-        costs, start = _from_profile(rows, budget_ms * (1 - up_margin))
+        rows = [{'heads': i, 'latency_ms_p90': p.latency_ms_p90, 'top1': p.top1} for i, p in enumerate(self.points)]
+        costs, start = _from_profile(rows, budget_ms * (1 - up_margin), cost_key='latency_ms_p90')
         super().__init__(range(len(self.points)), budget_ms, costs, start, up_margin=up_margin,
                          accuracy={i: p.top1 for i, p in enumerate(self.points)}, **kwargs)
 
@@ -415,11 +414,6 @@ def _timed_call(runner, level: int, work: Callable[[], Any], device: torch.devic
     return out
 
 
-def _nearest_rank(ranked: Sequence[float], quantile: float) -> float:
-    """Nearest-rank quantile of sorted values (p90 of 20 calls: the 18th smallest)."""
-    return ranked[max(0, math.ceil(quantile * len(ranked) - 1e-9) - 1)]
-
-
 def _default_heads(model, heads: Optional[Sequence[int]], rows: Optional[List[Row]]) -> List[int]:
     if heads is not None:
         return list(heads)
@@ -465,12 +459,13 @@ def _device_of(model) -> torch.device:
     return first.device if first is not None else torch.device('cpu')
 
 
-def _from_profile(rows: List[Row], entry_ms: float) -> Tuple[Dict[int, float], int]:
-    """(seed cost per k in ms, start k) from the rows of the served k, in k order: the start is the most accurate k
-    whose profiled p90 is within ``entry_ms``, else the smallest."""
+def _from_profile(rows: List[Row], entry_ms: float, cost_key: str = 'latency_ms_median'
+                  ) -> Tuple[Dict[int, float], int]:
+    """(seed cost per k in ms: each row's ``cost_key``, start k) from the rows of the served k, in k order: the start
+    is the most accurate k whose profiled p90 is within ``entry_ms``, else the smallest."""
     # A larger k never costs less; a noisy measurement that says so would make the runner jump too far.
-    medians = np.maximum.accumulate([float(row['latency_ms_median']) for row in rows])
-    costs = {row['heads']: cost for row, cost in zip(rows, medians.tolist(), strict=True)}
+    seeds = np.maximum.accumulate([float(row[cost_key]) for row in rows])
+    costs = {row['heads']: cost for row, cost in zip(rows, seeds.tolist(), strict=True)}
     fitting = [row for row in rows if row['latency_ms_p90'] <= entry_ms]
     if not fitting:
         return costs, rows[0]['heads']

@@ -47,13 +47,14 @@ from ..evaluation.accuracy import evaluate_heads
 from ..evaluation.cascade import (
     CascadeRecords,
     CascadeSpec,
-    batch_draws,
     cascade_candidates,
     cascade_latency,
     collect_records,
     evaluate_cascade,
     exit_stages,
     fit_spec,
+    latency_draws,
+    nearest_rank,
 )
 from ..evaluation.common import (
     EvalSession,
@@ -79,7 +80,6 @@ from .runtime import ElasticCascadeRunner, ElasticRunner, OperatingPoint, operat
 
 DEFAULT_SCHEDULE = ('off:10', 'on:15', 'off:10')
 POLICIES = ('pick', 'largest', 'elastic', 'pick-cascade', 'elastic-cascade')
-CASCADE_DRAWS = 200  # random batches of the fit images a cascade's latency is estimated on
 RERUN_CAP_QUANTILE = 0.9  # a cascade's re-runs per batch are capped where 9 in 10 of those batches stay
 # One call: seconds since the run started, k (a cascade policy: the operating point's index), latency (ms), correct
 # answers, images in the batch; a cascade policy's calls add the mean k that answered the batch's images.
@@ -328,7 +328,7 @@ def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibrat
     (``cascade_candidates``: ladders over at most 4 of the served k, each at 9 exit shares; few, since a selection
     over many overfits small sets) under the entropy rule, their thresholds fitted on the fit images
     (``fit_spec``), each with its re-runs capped (``capped_point``). The cascades are evaluated exactly from the
-    per-image records on ``CASCADE_DRAWS`` seeded batches of the fit images (``batch_draws``), without running the
+    per-image records on seeded batches of the fit images (``latency_draws``: whole rounds), without running the
     model again."""
     by_k = {row['heads']: row for row in calibration}
     points = [OperatingPoint(CascadeSpec((k,)), row['top1'], row['latency_ms_median'], row['latency_ms_p90'])
@@ -340,7 +340,7 @@ def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibrat
                               amp_autocast=lambda: autocast(args, session.device), prepare_input=lambda x: x)
     example = next(images for images, _ in fit)
     table = sub_batch_latency(session, forward, calibration, example, batch_size)
-    draws = batch_draws(records.num_images, batch_size, CASCADE_DRAWS, args.seed)
+    draws = latency_draws(records.num_images, batch_size, args.seed)
     specs = dict.fromkeys(fit_spec(records, recipe, 'entropy') for recipe in cascade_candidates(session.heads)
                           if len(recipe.ladder) > 1)  # equal thresholds fitted from two shares: one point
     return points + [capped_point(records, spec, draws, table, _buckets(args, batch_size)) for spec in specs]
@@ -356,8 +356,8 @@ def capped_point(records: CascadeRecords, spec: CascadeSpec, draws: torch.Tensor
     medians and the p90 of their summed p90s."""
     caps = [1.] * (len(spec.ladder) - 1)
     for s in range(len(caps)):
-        went_on = (exit_stages(records, replace(spec, rerun_cap=tuple(caps)), draws) > s).sum(1).double()
-        cap = int(torch.quantile(went_on, RERUN_CAP_QUANTILE, interpolation='higher'))
+        went_on = (exit_stages(records, replace(spec, rerun_cap=tuple(caps)), draws) > s).sum(1)
+        cap = int(nearest_rank(went_on.tolist(), RERUN_CAP_QUANTILE))
         caps[s] = cap / draws.shape[1] if cap < went_on.max() else 1.
     spec = replace(spec, rerun_cap=tuple(caps) if min(caps, default=1.) < 1 else ())
     top1 = evaluate_cascade(records, spec, {k: 0. for k in spec.ladder}, draws).top1
@@ -403,7 +403,7 @@ def pick_cascade(points: Sequence[OperatingPoint], budget_ms: float, min_top1: O
     """What ``pick`` would choose among the operating points for the budget without load: the most accurate one
     whose calibrated p90 is within ``budget_ms`` (and top-1 at or above the floor), the cheaper on ties
     (``pick.choose``); ``NoFit`` when none."""
-    ranked = sorted(points, key=lambda p: (p.latency_ms, p.latency_ms_p90))
+    ranked = sorted(points, key=lambda p: (p.latency_ms_p90, p.latency_ms))  # operating_frontier's order
     rows = [{'heads': i, 'top1': p.top1, 'latency_ms_p90': p.latency_ms_p90} for i, p in enumerate(ranked)]
     bounds = {'max_latency_ms': budget_ms, **({'min_top1': min_top1} if min_top1 is not None else {})}
     return ranked[choose(rows, bounds)['heads']]

@@ -17,6 +17,7 @@ others are answered where they are. A capped cascade's answers depend on which i
 evaluated on explicit batches of record indices (``exit_stages(..., batches=)``), e.g. random draws.
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -87,10 +88,11 @@ class CascadeSpec:
         return f'{"->".join(map(str, self.ladder))} {self.rule}{"<=" if self.rule == "entropy" else ">="}{ts}{cap}'
 
     def rerun_limit(self, stage: int, batch_size: int) -> Optional[int]:
-        """Most images of a batch of ``batch_size`` that may go on past ``stage`` (None: no cap)."""
+        """Most images of a batch of ``batch_size`` that may go on past ``stage`` (None: no cap): the share rounded
+        up, so a cap fitted as c images of B is c at B and at least one in a smaller batch."""
         if not self.rerun_cap:
             return None
-        return math.floor(self.rerun_cap[stage] * batch_size + 1e-9)
+        return math.ceil(self.rerun_cap[stage] * batch_size - 1e-9)
 
 
 def cap_reruns(values: torch.Tensor, rule: str, stay: torch.Tensor, limit: Optional[int]) -> torch.Tensor:
@@ -99,11 +101,9 @@ def cap_reruns(values: torch.Tensor, rule: str, stay: torch.Tensor, limit: Optio
     the limit applies per row. Returns a mask like ``stay``."""
     if limit is None:
         return stay
-    doubt = values if rule == 'entropy' else -values
-    doubt = doubt.masked_fill(~stay, -math.inf)
-    order = torch.sort(doubt, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
-    return stay & (rank < limit)
+    doubt = (values if rule == 'entropy' else -values).masked_fill(~stay, -math.inf)
+    first = torch.argsort(doubt, dim=-1, descending=True, stable=True)[..., :limit]
+    return stay & torch.zeros_like(stay).scatter_(-1, first, True)
 
 
 @dataclass
@@ -324,7 +324,7 @@ def format_summary(rows: Sequence[dict], stages: int) -> str:
 # Nine shares, dense where cascades operate: most images are easy, so stage 1 answers most of them (ThinkingViT's
 # operating points, and digits seed 0, where the useful thresholds let 93-97 % exit: a choice made after looking at it).
 DEFAULT_EXIT_SHARES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
-LATENCY_DRAWS = 200  # random batches a cascade's call time is estimated on (latency_draws)
+LATENCY_DRAWS = 200  # at least this many random batches price a cascade's calls (latency_draws)
 # Objectives of a policy row and whether more is better (top1 is the accuracy; the rest are costs). Not peak_mb:
 # a cascade's is its largest stage's, so it would keep every narrower fixed k on the frontier; it is a bound only.
 POLICY_COSTS = (('gmacs', False), ('latency_ms_mean', False), ('latency_ms_p90', False), ('throughput', True))
@@ -431,18 +431,28 @@ def interpolate_ms(points: Dict[int, float], size: float) -> float:
 
 def batch_draws(num_images: int, batch_size: int, count: int, seed: int = 0) -> torch.Tensor:
     """``(count, batch_size)`` image indices: seeded random batches cut from consecutive permutations of the
-    images, so every image appears about equally often (counts differ by at most one): a cascade's figures on them
-    are its figures on the images, and at ``count * batch_size == num_images`` exactly so."""
+    images, so every image appears about equally often (counts differ by at most one; exactly equally when
+    ``count * batch_size`` is a multiple of ``num_images``)."""
     generator = torch.Generator().manual_seed(seed)
     rounds = math.ceil(count * batch_size / num_images)
     order = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(rounds)])
     return order[:count * batch_size].view(count, batch_size)
 
 
-def latency_draws(num_images: int, batch_size: int) -> torch.Tensor:
-    """The batches ``policy_row`` prices a cascade's calls on: ``LATENCY_DRAWS`` of them, or enough that every
-    image is in one (at batch 1: each image once, so the mean is exact)."""
-    return batch_draws(num_images, batch_size, max(LATENCY_DRAWS, math.ceil(num_images / batch_size)))
+@functools.lru_cache(maxsize=16)
+def latency_draws(num_images: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """The batches a cascade's calls are priced on (``policy_row``, serve-bench): at least ``LATENCY_DRAWS``, in
+    whole rounds of the images, so that every image appears equally often and an uncapped cascade's figures on
+    them are exactly its figures on the images (at batch 1: each image once). Cached: do not modify."""
+    per_round = math.lcm(num_images, batch_size) // batch_size  # batches of whole rounds
+    return batch_draws(num_images, batch_size, per_round * math.ceil(LATENCY_DRAWS / per_round), seed)
+
+
+def nearest_rank(values: Sequence[float], quantile: float) -> float:
+    """The nearest-rank quantile: the ceil(q * n)-th smallest of n values (p90 of 20: the 18th), the rule the
+    runtime's controller applies to its window, so a priced p90 and a measured one mean the same."""
+    ranked = sorted(values)
+    return float(ranked[max(0, math.ceil(quantile * len(ranked) - 1e-9) - 1)])
 
 
 def bucket_size(n: int, buckets: Optional[Sequence[int]]) -> int:
@@ -463,17 +473,17 @@ def cascade_latency(stages: torch.Tensor, ladder: Sequence[int], latency: Dict[i
     index >= s, padded up to the smallest of ``buckets`` when given) costs its k's time at that sub-batch size from
     ``latency[k][b] = (central_ms, p90_ms)`` (a mean or a median, and a p90, of one call on b images; sizes
     between the measured ones interpolated, ``interpolate_ms``); the mean and the median are of the batches' summed
-    central times, the p90 the 90th percentile of their summed p90 times. The runner's own gathering is not
+    central times, the p90 the nearest-rank 90th percentile of their summed p90 times. The runner's own gathering is not
     counted."""
     central, tail = np.zeros(stages.shape[0]), np.zeros(stages.shape[0])
     for s, k in enumerate(ladder):
         sizes = (stages >= s).sum(1).tolist()
-        times = {n: (interpolate_ms({b: c for b, (c, _) in latency[k].items()}, bucket_size(n, buckets)),
-                     interpolate_ms({b: p for b, (_, p) in latency[k].items()}, bucket_size(n, buckets)))
+        centrals, p90s = ({b: t[i] for b, t in latency[k].items()} for i in (0, 1))
+        times = {n: (interpolate_ms(centrals, bucket_size(n, buckets)), interpolate_ms(p90s, bucket_size(n, buckets)))
                  for n in set(sizes) if n}
         central += [times[n][0] if n else 0. for n in sizes]
         tail += [times[n][1] if n else 0. for n in sizes]
-    return float(central.mean()), float(np.median(central)), float(np.percentile(tail, 90))
+    return float(central.mean()), float(np.median(central)), nearest_rank(tail.tolist(), 0.9)
 
 
 def policy_row(records: CascadeRecords, spec: CascadeSpec, costs: PolicyCosts) -> dict:
