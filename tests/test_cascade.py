@@ -22,6 +22,7 @@ from hydravit.evaluation import accuracy
 from hydravit.evaluation.cascade import (
     CascadeRecords,
     CascadeSpec,
+    cap_reruns,
     collect_records,
     confidence,
     evaluate_cascade,
@@ -167,6 +168,14 @@ def test_rerun_cap_sends_on_the_least_confident_and_ties_by_position():
     assert exit_stages(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(0.,)), batches).sum() == 0
     assert torch.equal(exit_stages(records, CascadeSpec((3, 12), 'entropy', (0.01,), rerun_cap=(1.,)), batches),
                        exit_stages(records, uncapped, batches))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: the mask is built on the values\' device')
+def test_rerun_cap_on_cuda_equals_the_cpu():
+    values = torch.rand(3, 8, generator=torch.Generator().manual_seed(0))
+    stay = values > 0.3
+    expected = cap_reruns(values, 'entropy', stay, 2)
+    assert torch.equal(cap_reruns(values.cuda(), 'entropy', stay.cuda(), 2).cpu(), expected)
 
 
 def test_rerun_cap_is_refused_without_batches_and_when_malformed():
