@@ -62,12 +62,6 @@ FIELDS = ('dataset', 'seed', 'budget', 'budget_gmacs', 'fixed_k', 'fixed_top1', 
           'cascade_gmacs', 'margin', 'fold_choices')
 
 
-def load_records(path: Path) -> tuple:
-    """(records, gmacs per k) from a records file ``record_run`` wrote."""
-    saved = json.loads(path.read_text())
-    return CascadeRecords.from_state_dict(saved['records']), {int(k): v for k, v in saved['gmacs'].items()}
-
-
 def record_run(run: Path, data: str, path: Path) -> None:
     """Record the run's checkpoint on DATA's validation split into ``path`` (atomically; scores to float32's 9
     significant digits, which read back to the same float32)."""
@@ -91,15 +85,21 @@ def checkpoint_sha256(run: Path) -> str:
     return hashlib.sha256((run / 'model_best.pth.tar').read_bytes()).hexdigest()
 
 
-def check_records_source(path: Path, run: Path) -> None:
-    """Refuse records that a different checkpoint of the same run folder wrote (a seed trained again, e.g. in a
-    later session): the tables would silently mix the two."""
-    if not (run / 'done').is_file():
-        return
-    recorded = json.loads(path.read_text())['source'].get('sha256')
-    if recorded is not None and recorded != checkpoint_sha256(run):
+def run_records(run: Path, data: str, path: Path) -> Optional[tuple]:
+    """``(records, gmacs per k)`` of the run folder's checkpoint on DATA: read from the records file ``path`` when it
+    is there, else recorded from the finished run into it; ``None`` when there is neither. A records file that
+    another checkpoint of the same (finished) run folder wrote is refused: the tables would silently mix the two
+    (a seed trained again, e.g. in a later session)."""
+    if not path.is_file():
+        if not (run / 'done').is_file():
+            return None
+        record_run(run, data, path)
+    saved = json.loads(path.read_text())
+    recorded = saved['source'].get('sha256')
+    if (run / 'done').is_file() and recorded is not None and recorded != checkpoint_sha256(run):
         raise SystemExit(f'{path}: recorded from another checkpoint than {run / "model_best.pth.tar"} (sha256 '
                          f'{recorded[:12]}...): delete the records file to record this one, or move the run away')
+    return CascadeRecords.from_state_dict(saved['records']), {int(k): v for k, v in saved['gmacs'].items()}
 
 
 def _commit() -> Optional[str]:
@@ -226,14 +226,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in args.datasets:
         for seed in args.seeds:
             run, path = args.runs / name / f'seed{seed}', args.out / 'records' / f'{name}_seed{seed}.json'
-            if path.is_file():
-                check_records_source(path, run)
-            else:
-                if not (run / 'done').is_file():
-                    print(f'{name} seed {seed}: no records ({path}) and no finished run ({run}): left out', flush=True)
-                    continue
-                record_run(run, DATA[name], path)
-            rows += report_run(name, seed, *load_records(path))
+            found = run_records(run, DATA[name], path)
+            if found is None:
+                print(f'{name} seed {seed}: no records ({path}) and no finished run ({run}): left out', flush=True)
+                continue
+            rows += report_run(name, seed, *found)
     if not rows:
         parser.error(f'no records under {args.out / "records"} and no finished run under {args.runs}')
     args.out.mkdir(parents=True, exist_ok=True)

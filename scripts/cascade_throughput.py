@@ -4,8 +4,9 @@
     python scripts/cascade_throughput.py --run output/seeds/digits/seed0 --data data/digits \\
         --recipe 3,6,12@0.97 --fixed 4 12 -b 64 --reps 7
 
-The cascade's threshold is fitted on one half of the validation images (``halves(records, seed 0)``, the cached
-``cascade_records.json`` of scripts/cascade_report.py: the share of images ``@S`` that exits at the first stage) and
+The cascade's threshold is fitted on one half of the validation images (``halves(records, seed 0)`` of the run's
+per-image records, ``--records``: scripts/cascade_report.py's file for that checkpoint, written here when missing and
+refused when another checkpoint wrote it; ``@S`` is the share of images that exits at the first stage) and
 every figure is measured on the other half: its images are cut into batches of ``-b`` (the last partial batch
 dropped) and held in memory. Each repetition runs one full pass of every policy over those batches, the policies'
 order rotating between repetitions, so background load hits all alike; the table gives the median img/s, the ratio
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / 'scripts'))
 
 import torch  # noqa: E402
-from cascade_report import _eval_args, records_of  # noqa: E402
+from cascade_report import _eval_args, run_records  # noqa: E402
 
 from hydravit.deploy.cascade import CascadeRunner, eager_stages  # noqa: E402
 from hydravit.evaluation.cascade import CascadeSpec, Recipe, evaluate_cascade, fit_spec, halves  # noqa: E402
@@ -68,9 +69,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--fixed', type=int, nargs='+', required=True, help='fixed widths to compare with')
     parser.add_argument('-b', '--batch-size', type=int, default=64)
     parser.add_argument('--reps', type=int, default=7)
+    parser.add_argument('--records', type=Path, default=None,
+                        help='per-image records of the run (default: docs/cascade/records/NAME_seedS.json for a '
+                             'run folder RUNS/NAME/seedS)')
     parser.add_argument('--output-json', type=Path, default=None)
     args = parser.parse_args(argv)
-    records, gmacs = records_of(args.run, args.data)
+    path = args.records or ROOT / 'docs' / 'cascade' / 'records' / f'{args.run.parent.name}_{args.run.name}.json'
+    found = run_records(args.run, args.data, path)
+    if found is None:
+        parser.error(f'--run: {args.run} has not finished (no done file) and --records {path} does not exist')
+    records, gmacs = found
     fit, report = halves(records, seed=0)
     spec = fit_spec(records.subset(fit), args.recipe, 'entropy')
     model, batches = held_out_batches(args.run, args.data, report, args.batch_size)

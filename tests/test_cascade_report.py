@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from hydravit.evaluation.cascade import RULES, CascadeRecords, CascadeSpec, confidence, evaluate_cascade, halves
@@ -55,3 +56,43 @@ def test_report_is_rebuilt_from_committed_records_alone(tmp_path):
 def test_records_keep_float32_scores_exactly_at_9_digits():
     values = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3
     assert torch.equal(torch.tensor([float(f'{v:.9g}') for v in values.tolist()], dtype=torch.float32), values)
+
+
+def _write_records(path: Path, sha256=None) -> None:
+    gmacs = {k: 0.0013 * k * k for k in HEADS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'source': {} if sha256 is None else {'sha256': sha256},
+                                'gmacs': {str(k): v for k, v in gmacs.items()},
+                                'records': synthetic_records(0).state_dict()}))
+
+
+def test_records_of_another_checkpoint_of_the_run_are_refused(tmp_path):
+    script = load_script()
+    run, path = tmp_path / 'runs' / 'digits' / 'seed0', tmp_path / 'records' / 'digits_seed0.json'
+    run.mkdir(parents=True)
+    (run / 'model_best.pth.tar').write_bytes(b'the checkpoint trained again')
+    (run / 'done').write_text('done\n')
+    _write_records(path, sha256='0123456789ab' + '0' * 52)
+    with pytest.raises(SystemExit) as e:
+        script.run_records(run, 'data/digits', path)
+    assert str(e.value) == (f'{path}: recorded from another checkpoint than {run / "model_best.pth.tar"} (sha256 '
+                            '0123456789ab...): delete the records file to record this one, or move the run away')
+    _write_records(path, sha256=script.checkpoint_sha256(run))  # the same checkpoint: read as written
+    records, gmacs = script.run_records(run, 'data/digits', path)
+    assert torch.equal(records.target, synthetic_records(0).target) and sorted(gmacs) == HEADS
+
+
+def test_records_without_their_run_are_read_and_nothing_is_none(tmp_path):
+    script = load_script()
+    path = tmp_path / 'records' / 'mnist_seed1.json'
+    assert script.run_records(tmp_path / 'no-run', 'data/mnist', path) is None
+    _write_records(path, sha256='f' * 64)  # its checkpoint is gone (another session): the committed file counts
+    assert script.run_records(tmp_path / 'no-run', 'data/mnist', path) is not None
+
+
+@pytest.mark.parametrize('script', sorted(p.name for p in (ROOT / 'scripts').glob('*.py')))
+def test_every_script_imports(script):
+    """A script whose import broke (cascade_throughput imported a function cascade_report no longer had) fails here,
+    not at the one run it was written for."""
+    spec = importlib.util.spec_from_file_location(f'script_{script[:-3]}', ROOT / 'scripts' / script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
