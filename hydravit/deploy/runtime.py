@@ -317,13 +317,22 @@ class OperatingPoint:
                              f'got {values}')
 
 
-def operating_frontier(points: Sequence[OperatingPoint], min_top1: Optional[float] = None) -> List[OperatingPoint]:
+def operating_frontier(points: Sequence[OperatingPoint], min_top1: Optional[float] = None,
+                       min_gain: float = 0.0) -> List[OperatingPoint]:
     """The points a load controller moves along: those at or above ``min_top1``, ordered by p90 latency (the
-    controller's criterion; then by median), each strictly more accurate than every cheaper one (a point that costs
-    more for no more accuracy is never worth entering).
-    ``ValueError`` for no points or when none reaches the floor."""
+    controller's criterion; then by median), each more accurate than every cheaper one (a point that costs more for
+    no more accuracy is never worth entering), by at least ``min_gain`` (p.p.) when it is > 0.
+
+    ``min_gain``: a cascade's calibrated top-1 is a mean over batch draws, so two points can differ by a fraction of
+    one calibration image, a difference no held-out image can confirm; a level that buys such a difference costs
+    latency under load (calls over the budget) for nothing. ``100 / n`` for ``n`` calibration images keeps only
+    points that answer at least one more image right, the resolution of a fixed k's top-1 (what the head
+    controller's levels differ by). ``ValueError`` for no points, a negative ``min_gain``, or when none reaches the
+    floor."""
     if not points:
         raise ValueError('no operating points given')
+    if not min_gain >= 0:  # NaN too
+        raise ValueError(f'min_gain must be >= 0 p.p., got {min_gain}')
     allowed = [p for p in points if min_top1 is None or p.top1 >= min_top1]
     if not allowed:
         best = max(points, key=lambda p: p.top1)
@@ -331,14 +340,15 @@ def operating_frontier(points: Sequence[OperatingPoint], min_top1: Optional[floa
                          f'{best.spec.name})')
     frontier: List[OperatingPoint] = []
     for point in sorted(allowed, key=lambda p: (p.latency_ms_p90, p.latency_ms, -p.top1)):
-        if not frontier or point.top1 > frontier[-1].top1:
+        gain = point.top1 - frontier[-1].top1 if frontier else math.inf
+        if gain > 0 and gain >= min_gain * (1 - 1e-9):  # a one-image gain, whatever its float rounding
             frontier.append(point)
     return frontier
 
 
 class CascadeController(HeadController):
-    """``HeadController`` whose levels are operating points instead of head counts: level i is
-    ``points[i]`` of ``operating_frontier(points, min_top1)`` (cheapest first), so every rule of the head controller
+    """``HeadController`` whose levels are operating points instead of head counts: level i is ``points[i]`` of
+    ``operating_frontier(points, min_top1, min_gain)`` (cheapest first), so every rule of the head controller
     -- step down at once to the most accurate point predicted to fit with headroom, step up after a full window
     with margin, hysteresis, back-off, costs learned on entry -- applies unchanged. Moving one level changes a
     cascade's thresholds (a finer knob than one step of k) or, between ladders, its widths; fixed k are levels too.
@@ -348,8 +358,8 @@ class CascadeController(HeadController):
     less ``up_margin``, else the cheapest. ``point`` is the current operating point."""
 
     def __init__(self, points: Sequence[OperatingPoint], budget_ms: float, min_top1: Optional[float] = None,
-                 up_margin: float = 0.05, **kwargs) -> None:
-        self.points = operating_frontier(points, min_top1)
+                 up_margin: float = 0.05, min_gain: float = 0.0, **kwargs) -> None:
+        self.points = operating_frontier(points, min_top1, min_gain)
         rows = [{'heads': i, 'latency_ms_p90': p.latency_ms_p90, 'top1': p.top1} for i, p in enumerate(self.points)]
         costs, start = _from_profile(rows, budget_ms * (1 - up_margin), cost_key='latency_ms_p90')
         super().__init__(range(len(self.points)), budget_ms, costs, start, up_margin=up_margin,
@@ -365,7 +375,8 @@ class ElasticCascadeRunner:
     recent p90 latency within budget: before each call it sets ``runner.spec`` to the current point's cascade.
 
     ``points``: the operating points (e.g. every ladder at a grid of thresholds, and the fixed k, evaluated on
-    calibration records); ``min_top1`` drops those under the floor, and when no allowed point fits, the runner serves
+    calibration records); ``min_top1`` drops those under the floor, ``min_gain`` those not that much more accurate
+    than a cheaper one (``operating_frontier``), and when no allowed point fits, the runner serves
     the cheapest allowed one, over budget, never one below. ``runner.history`` holds ``(seconds since creation,
     level, latency_ms)`` per call, the level indexing ``runner.points``. Calls take one batch ``(B, C, H, W)`` and
     return the ``CascadeOutput``; they are timed on the batch's device (``time_call``). Raises ``ValueError`` when a
@@ -373,11 +384,11 @@ class ElasticCascadeRunner:
     """
 
     def __init__(self, runner: CascadeRunner, latency_budget_ms: float, points: Sequence[OperatingPoint], *,
-                 min_top1: Optional[float] = None, window: int = 20, quantile: float = 0.9, headroom: float = 0.15,
-                 up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
+                 min_top1: Optional[float] = None, min_gain: float = 0.0, window: int = 20, quantile: float = 0.9,
+                 headroom: float = 0.15, up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
                  max_history: Optional[int] = 100_000) -> None:
-        self.controller = CascadeController(points, latency_budget_ms, min_top1, up_margin=up_margin, window=window,
-                                            quantile=quantile, headroom=headroom)
+        self.controller = CascadeController(points, latency_budget_ms, min_top1, up_margin=up_margin,
+                                            min_gain=min_gain, window=window, quantile=quantile, headroom=headroom)
         missing = sorted({k for p in self.points for k in p.spec.ladder if k not in runner.stages})
         if missing:
             raise ValueError(f'the cascade runner has no stage for head count(s) {missing} of the operating points')

@@ -14,7 +14,8 @@ same schedule:
 * ``largest``: the fixed largest k served;
 * ``elastic``: the ``ElasticRunner`` over the served k, with the ``--min-top1`` floor;
 * ``pick-cascade``: the operating point (a cascade over the served k, or a fixed k) pick's rule chooses without load;
-* ``elastic-cascade``: the ``ElasticCascadeRunner`` over every operating point, with the floor.
+* ``elastic-cascade``: the ``ElasticCascadeRunner`` over the operating points, with the floor; a point more costly
+  than another is kept only when it answers at least one more calibration image right (``min_gain``).
 
 With more than one served k, DATA is split (seeded) into two disjoint random halves: every calibrated figure (top-1,
 pick's choices, the floor, the cascades' thresholds and latencies) comes from the first, every served call from the
@@ -232,8 +233,10 @@ def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequ
     policies = policy_heads(calibration, args.budget_ms, args.min_top1)
     points = cascade_points(session, fit, forward, calibration, batches[0][0].shape[0])
     chosen = pick_cascade(points, args.budget_ms, args.min_top1)
-    cascades = {'pick-cascade': [chosen],
-                'elastic-cascade': operating_frontier(points, args.min_top1)}  # NoFit above covers the floor
+    # The load-driven cascade's levels differ by at least one calibration image (operating_frontier's min_gain),
+    # as the ElasticRunner's head counts do. NoFit above covers the floor.
+    one_image = 100 / sum(t.shape[0] for _, t in fit)
+    cascades = {'pick-cascade': [chosen], 'elastic-cascade': operating_frontier(points, args.min_top1, one_image)}
     policies.update({name: [p.spec.name for p in served] for name, served in cascades.items()})
     print('Policies: ' + '; '.join(f'{name} k={" ".join(map(str, policies[name]))}' for name in POLICIES[:3])
           + f'; pick-cascade {chosen.spec.name}; elastic-cascade {len(cascades["elastic-cascade"])} operating '
