@@ -686,10 +686,12 @@ def plot_serve_bench(result: dict, path, dpi: int = 80) -> Path:
     accuracy.set_ylabel(f'goodput (solid), top-1 (dotted)\n%, last {ROLLING_S:g} s')
     accuracy.set_xlabel(f'seconds (grey: {settings["load_procs"]} busy-looping processes)')
     by = {row['policy']: row for row in result['summary']}
-    fig.suptitle(f'{settings["model"]}, batch {settings["batch_size"]}, budget {budget:g} ms: goodput under load '
+    # Two lines: on one, five policies' figures ran past the figure's edges.
+    fig.suptitle(f'{settings["model"]}, batch {settings["batch_size"]}, budget {budget:g} ms, '
+                 f'{result["device"]["name"]}; plotted: the first of {settings["repeats"]} repeats\n'
+                 f'goodput under load (mean of the repeats): '
                  + ', '.join(f'{name} {by[name]["goodput_load"]:.1f} %' for name in POLICIES
-                             if by[name]['goodput_load'] is not None)
-                 + f' ({result["device"]["name"]}; first of {settings["repeats"]} repeats)', fontsize='medium')
+                             if by[name]['goodput_load'] is not None), fontsize='medium')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
