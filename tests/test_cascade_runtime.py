@@ -275,3 +275,54 @@ def test_frontier_keeps_a_costlier_point_only_for_at_least_min_gain():
     assert [p.spec.name for p in CascadeController(points, 10., min_gain=one_image).points] == ['k=3', 'k=6', 'k=12']
     with pytest.raises(ValueError, match=r'^min_gain must be >= 0 p.p., got -0.5$'):
         operating_frontier(points, min_gain=-0.5)
+
+
+# --- the goodput objective ---------------------------------------------------------------------------------------
+def _fed(controller, latencies, start: float = 0.) -> list:
+    """Feed one call latency per 10 ms of clock; the level after each call."""
+    return [controller.update(ms, start + 0.01 * i) for i, ms in enumerate(latencies)]
+
+
+def test_goodput_objective_leaves_a_level_that_runs_over_on_one_call_in_ten():
+    from hydravit.deploy.runtime import HeadController
+    # Level 1 is 1 p.p. more accurate than level 0 at twice its cost; a 10 ms budget. A full window at level 1 with 2
+    # calls of 20 over: the p90 rule (3 of 20) holds it. The goodput objective leaves at the first call over:
+    # 91 x 18/19 = 86.2 against level 0's 90 x 19/19 (every latency halved fits), and blocks level 1.
+    latencies = [9.] * 18 + [11., 11.]
+    kwargs = dict(costs={0: 5., 1: 10.}, start=1, accuracy={0: 90., 1: 91.})
+    assert _fed(HeadController([0, 1], 10., **kwargs), latencies) == [1] * 20
+    goodput = HeadController([0, 1], 10., objective='goodput', **kwargs)
+    assert _fed(goodput, latencies[:19]) == [1] * 18 + [0] and goodput._blocked_until[1] > 0.18
+    # 8 p.p. more accurate, one call over in 19 is worth it (99 x 18/19 = 93.8 > 90); it stays.
+    worth = HeadController([0, 1], 10., objective='goodput', **{**kwargs, 'accuracy': {0: 90., 1: 99.}})
+    assert _fed(worth, latencies[:19]) == [1] * 19
+
+
+def test_goodput_objective_steps_up_only_when_the_scaled_window_fits():
+    from hydravit.deploy.runtime import HeadController
+    kwargs = dict(costs={0: 5., 1: 10.}, start=0, accuracy={0: 90., 1: 91.}, objective='goodput')
+    # At level 0, 20 calls of 4 ms scale to 8 ms at level 1: within the entry margin (9.5 ms): up after a full window.
+    up = HeadController([0, 1], 10., **kwargs)
+    assert _fed(up, [4.] * 20) == [0] * 19 + [1]
+    # 19 calls of 4 ms and one of 4.9 (9.8 ms scaled, over the margin): 91 x 19/20 = 86.45 < 90: it stays.
+    stay = HeadController([0, 1], 10., **kwargs)
+    assert _fed(stay, [4.] * 19 + [4.9]) == [0] * 20
+
+
+def test_goodput_objective_needs_accuracies_and_a_known_name():
+    from hydravit.deploy.runtime import HeadController
+    with pytest.raises(ValueError, match=r"^objective 'goodput' needs the accuracy of every level \(a profile with "
+                                         r"top1\)$"):
+        HeadController([3, 6], 10., objective='goodput')
+    with pytest.raises(ValueError, match=r"^objective must be one of \('p90', 'goodput'\), got 'p99'$"):
+        HeadController([3, 6], 10., objective='p99')
+
+
+def test_latency_table_is_made_non_decreasing_in_k():
+    # A noisy calibration timed k=4 under k=3 at the batch (16) and k=12's p90 under k=6's at sub-batch 2: each
+    # figure is raised to the largest of the smaller k, the others are kept.
+    table = {3: {2: (10., 12.), 16: (40., 50.)}, 4: {2: (11., 13.), 16: (38., 45.)},
+             6: {2: (15., 30.), 16: (60., 70.)}, 12: {2: (25., 28.), 16: (150., 160.)}}
+    assert serve_bench.monotone_in_k(table) == {
+        3: {2: (10., 12.), 16: (40., 50.)}, 4: {2: (11., 13.), 16: (40., 50.)},
+        6: {2: (15., 30.), 16: (60., 70.)}, 12: {2: (25., 30.), 16: (150., 160.)}}

@@ -20,6 +20,10 @@ one k² (the linear layers' MACs grow with the square of the width), only seed t
   quick repeat up to ``max_backoff_s``; a prediction of the full headroom at that k lifts the block,
   so the runner climbs back as soon as a load ends. Learned costs make that prediction right after a load:
   the k held before it kept its measured cost, where k² would overstate it.
+* ``objective='goodput'`` replaces the p90 target by the level of highest expected goodput (top-1 times the share
+  of the window's latencies, scaled to the level, within the budget); the p90 step down stays as a safety net.
+  The p90 rule lets the level it holds run over on up to one call in ten, which costs goodput as soon as levels are
+  fine enough to sit at that edge (a cascade's thresholds are).
 
 ``ElasticCascadeRunner(CascadeRunner(...), latency_budget_ms, points)`` serves a confidence cascade
 (``hydravit.deploy.cascade``) the same way. Its levels are operating points, not head counts: cascade specs (a fixed
@@ -57,6 +61,7 @@ from .pick import accuracy_key
 from .profile import profile_rows
 
 ProfileLike = Union[str, dict, Sequence[Row]]
+OBJECTIVES = ('p90', 'goodput')
 
 
 class HeadController:
@@ -70,12 +75,25 @@ class HeadController:
     ``accuracy``: top-1 per k; among the k that fit, the most accurate is chosen (without it: the largest).
     The "head counts" are only ordered levels whose cost grows with the level: ``CascadeController`` passes the
     indices of its operating points.
+
+    ``objective``: ``'p90'`` (default) holds the window's p90 within the budget, so the level it settles on may run
+    over on up to one call in ten. ``'goodput'`` (needs ``accuracy``) chooses the level of highest expected goodput
+    instead, the share of requests answered right within the budget: ``accuracy[j]`` times the share of the
+    window's latencies that, scaled to level j by the costs, are within the budget (the entry margin for a larger
+    level). Every call with at least ``min_samples`` in the window may step down to such a level; a full window may
+    step up to one (blocked levels as above); the p90 rule still steps down. A level 0.2 p.p. more accurate is then
+    not worth one call in ten over the budget, where the p90 rule would hold it.
     """
 
     def __init__(self, heads: Sequence[int], budget_ms: float, costs: Optional[Dict[int, float]] = None,
                  start: Optional[int] = None, window: int = 20, quantile: float = 0.9, headroom: float = 0.15,
                  up_margin: float = 0.05, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 stable_s: float = 10.0, accuracy: Optional[Dict[int, float]] = None) -> None:
+                 stable_s: float = 10.0, accuracy: Optional[Dict[int, float]] = None, objective: str = 'p90',
+                 min_samples: int = 5) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f'objective must be one of {OBJECTIVES}, got {objective!r}')
+        if objective == 'goodput' and not accuracy:
+            raise ValueError("objective 'goodput' needs the accuracy of every level (a profile with top1)")
         if budget_ms <= 0:
             raise ValueError(f'latency budget must be > 0 ms, got {budget_ms}')
         if window < 2 or not 0 < quantile < 1 or not 0 <= headroom < 1:
@@ -91,6 +109,8 @@ class HeadController:
         self.samples = 5
         self._entered_from: Optional[Tuple[int, float]] = None  # (k, latency of its last call) at the last switch
         self.rank = {k: (accuracy[k] if accuracy else k, -k) for k in self.heads}  # larger is preferred
+        self.accuracy = {k: float(accuracy[k]) for k in self.heads} if accuracy else None
+        self.objective, self.min_samples = objective, max(1, min(min_samples, window))
         self.window, self.quantile, self.headroom = window, quantile, headroom
         self.up_margin = up_margin
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
@@ -113,6 +133,9 @@ class HeadController:
         self._learn(latency_ms)
         if self._over > int(len(self._recent) * (1 - self.quantile) + 1e-9):  # the p90 of the calls so far is over
             self._step_down(now)
+        elif self.objective == 'goodput':
+            if len(self._recent) >= self.min_samples:
+                self._to_best_goodput(now)
         elif len(self._recent) == self.window:
             self._step_up(now)
         return self.k
@@ -161,16 +184,40 @@ class HeadController:
     def _best(self, candidates: Sequence[int]) -> int:
         return max(candidates, key=self.rank.__getitem__)
 
-    def _step_down(self, now: float) -> None:
-        lower = [k for k in self.heads if k < self.k]
-        if not lower:
-            return  # the smallest allowed k: it keeps serving, over budget, and never goes below the set
-        # Back off before trying this k again: briefly after a long stay, twice as long after each quick failure.
+    def _block(self, now: float) -> None:
+        """Back off before trying the current k again: briefly after a long stay, twice as long after each quick
+        failure."""
         stable = now - self._since >= self.stable_s
         backoff = self.backoff_s if stable else min(2 * self._backoff.get(self.k, self.backoff_s / 2),
                                                     self.max_backoff_s)
         self._backoff[self.k] = backoff
         self._blocked_until[self.k] = now + backoff
+
+    def expected_goodput(self, k: int, limit_ms: Optional[float] = None) -> float:
+        """accuracy[k] (%) times the share of the window's latencies that, scaled from the current k to k by the
+        costs, are within ``limit_ms`` (default: the budget)."""
+        limit = self.budget_ms if limit_ms is None else limit_ms
+        scale = self.costs[k] / self.costs[self.k]
+        return self.accuracy[k] * sum(ms * scale <= limit for ms in self._recent) / len(self._recent)
+
+    def _to_best_goodput(self, now: float) -> None:
+        entry_ms = self.budget_ms * (1 - self.up_margin)
+        scores = {k: self.expected_goodput(k) for k in self.heads if k <= self.k}
+        if len(self._recent) == self.window:
+            ceiling = min((k for k, until in self._blocked_until.items() if until > now and k > self.k),
+                          default=self.heads[-1] + 1)
+            scores.update({k: self.expected_goodput(k, entry_ms) for k in self.heads if self.k < k < ceiling})
+        best = max(scores, key=lambda k: (scores[k], self.rank[k]))
+        if scores[best] > scores[self.k]:
+            if best < self.k:
+                self._block(now)
+            self._switch(best, now)
+
+    def _step_down(self, now: float) -> None:
+        lower = [k for k in self.heads if k < self.k]
+        if not lower:
+            return  # the smallest allowed k: it keeps serving, over budget, and never goes below the set
+        self._block(now)
         recent = sorted(list(self._recent)[-3:])  # the latest calls, the one that ran over among them
         estimate = recent[len(recent) // 2]
         fitting = [k for k in lower if self.predicted_ms(estimate, k) <= self._target_ms()]
@@ -224,7 +271,8 @@ class ElasticRunner:
     ``forward``: what one call runs on its input (default ``model(x)``), e.g. the model under ``torch.autocast``.
     ``cuda_graph``: serve from one CUDA graph per k, all captured here from ``example_input`` (a batch of the shape,
     dtype and device every call will have); calls then take that one tensor and return a fresh output tensor.
-    ``graph_backend`` replaces the CUDA capture (tests).
+    ``graph_backend`` replaces the CUDA capture (tests). ``objective``: the controller's rule, ``'p90'`` or
+    ``'goodput'`` (``HeadController``; goodput needs a profile with ``top1``).
 
     Raises ``TypeError`` for a model without ``set_heads``; ``ValueError`` for a bad head set, no head set to
     default to, a floor without profiled accuracies or one no k reaches, ``cuda_graph`` without
@@ -236,7 +284,8 @@ class ElasticRunner:
                  quantile: float = 0.9, headroom: float = 0.15, up_margin: float = 0.05,
                  clock: Callable[[], float] = time.perf_counter, max_history: Optional[int] = 100_000,
                  forward: Optional[Callable[..., Any]] = None, cuda_graph: bool = False,
-                 example_input: Optional[torch.Tensor] = None, graph_backend: Optional[GraphBackend] = None) -> None:
+                 example_input: Optional[torch.Tensor] = None, graph_backend: Optional[GraphBackend] = None,
+                 objective: str = 'p90') -> None:
         if not (hasattr(model, 'set_heads') and hasattr(model, 'num_heads')):
             raise TypeError('ElasticRunner needs a model with set_heads(k) and num_heads (e.g. a HydraViT)')
         if cuda_graph and example_input is None:
@@ -256,7 +305,7 @@ class ElasticRunner:
             accuracy = _accuracy(rows)
         costs, start = _from_profile(rows, entry_ms) if rows is not None else (None, None)
         self.controller = HeadController(heads, latency_budget_ms, costs, start, window, quantile, headroom,
-                                         up_margin, accuracy=accuracy)
+                                         up_margin, accuracy=accuracy, objective=objective)
         self.clock = clock
         self.device = _device_of(model)
         self.history: Deque[Tuple[float, int, float]] = deque(maxlen=max_history)
@@ -379,16 +428,18 @@ class ElasticCascadeRunner:
     than a cheaper one (``operating_frontier``), and when no allowed point fits, the runner serves
     the cheapest allowed one, over budget, never one below. ``runner.history`` holds ``(seconds since creation,
     level, latency_ms)`` per call, the level indexing ``runner.points``. Calls take one batch ``(B, C, H, W)`` and
-    return the ``CascadeOutput``; they are timed on the batch's device (``time_call``). Raises ``ValueError`` when a
+    return the ``CascadeOutput``; they are timed on the batch's device (``time_call``); ``objective`` as for the
+    ``HeadController``. Raises ``ValueError`` when a
     point's ladder uses a k the ``CascadeRunner`` has no stage for.
     """
 
     def __init__(self, runner: CascadeRunner, latency_budget_ms: float, points: Sequence[OperatingPoint], *,
                  min_top1: Optional[float] = None, min_gain: float = 0.0, window: int = 20, quantile: float = 0.9,
                  headroom: float = 0.15, up_margin: float = 0.05, clock: Callable[[], float] = time.perf_counter,
-                 max_history: Optional[int] = 100_000) -> None:
+                 max_history: Optional[int] = 100_000, objective: str = 'p90') -> None:
         self.controller = CascadeController(points, latency_budget_ms, min_top1, up_margin=up_margin,
-                                            min_gain=min_gain, window=window, quantile=quantile, headroom=headroom)
+                                            min_gain=min_gain, window=window, quantile=quantile, headroom=headroom,
+                                            objective=objective)
         missing = sorted({k for p in self.points for k in p.spec.ladder if k not in runner.stages})
         if missing:
             raise ValueError(f'the cascade runner has no stage for head count(s) {missing} of the operating points')

@@ -77,7 +77,7 @@ from ..evaluation.environment import device_info
 from .cascade import CascadeOutput, CascadeRunner, default_buckets, eager_stages, graph_stages
 from .load import CpuLoad, Segment, load_on, load_windows, parse_schedule, total_seconds
 from .pick import NoFit, choose
-from .runtime import ElasticCascadeRunner, ElasticRunner, OperatingPoint, operating_frontier
+from .runtime import OBJECTIVES, ElasticCascadeRunner, ElasticRunner, OperatingPoint, operating_frontier
 
 DEFAULT_SCHEDULE = ('off:10', 'on:15', 'off:10')
 POLICIES = ('pick', 'largest', 'elastic', 'pick-cascade', 'elastic-cascade')
@@ -115,6 +115,10 @@ def create_serve_bench_parser() -> argparse.ArgumentParser:
                             '2048)')
     group.add_argument('--calibration-time', type=float, default=0.5, metavar='SEC',
                        help='seconds of latency timing per k before the runs (default: 0.5)')
+    group.add_argument('--objective', choices=OBJECTIVES, default='p90',
+                       help='the load-driven policies\' rule (ElasticRunner and ElasticCascadeRunner alike): hold '
+                            'the p90 latency within the budget, or choose the level of highest expected goodput '
+                            '(HeadController; default: p90)')
     group.add_argument('--log-every', type=float, default=5., metavar='SEC', help='seconds between progress lines')
     group.add_argument('-o', '--output', default='output/serve-bench', metavar='DIR',
                        help='folder for serve_bench.json and serve_bench.png (default: output/serve-bench)')
@@ -251,13 +255,15 @@ def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequ
             if name in cascades:
                 runner = ElasticCascadeRunner(CascadeRunner(stages, cascades[name][0].spec,
                                                             _buckets(args, args.batch_size)),
-                                              args.budget_ms, cascades[name], max_history=None)
+                                              args.budget_ms, cascades[name], max_history=None,
+                                              objective=args.objective if name == 'elastic-cascade' else 'p90')
                 runs[name] = {'heads': list(range(len(runner.points))), 'start_k': runner.controller.k,
                               'calls': _stream(runner, batches, args, schedule, label)}
                 continue
             runner = ElasticRunner(session.model, args.budget_ms, heads=policies[name], profile=calibration,
                                    min_top1=args.min_top1 if name == 'elastic' else None, max_history=None,
-                                   forward=forward, cuda_graph=args.cuda_graph, example_input=batches[0][0])
+                                   forward=forward, cuda_graph=args.cuda_graph, example_input=batches[0][0],
+                                   objective=args.objective if name == 'elastic' else 'p90')
             runs[name] = {'heads': runner.heads, 'start_k': runner.active_heads,
                           'calls': _stream(runner, batches, args, schedule, label)}
         repeats.append({'order': list(order), 'runs': runs})
@@ -273,7 +279,8 @@ def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequ
         'device': device_info(args, session.device),
         'settings': {'model': args.model, 'checkpoint': args.checkpoint or None, 'data': str(args.data),
                      'batch_size': args.batch_size, 'batches': len(batches), 'budget_ms': args.budget_ms,
-                     'min_top1': args.min_top1, 'duration_s': args.duration, 'repeats': args.repeats,
+                     'min_top1': args.min_top1, 'objective': args.objective, 'duration_s': args.duration,
+                     'repeats': args.repeats,
                      'load_schedule': args.load_schedule, 'load_procs': args.load_procs, 'heads': session.heads,
                      'model_dtype': str(session.model_dtype).replace('torch.', ''), 'cuda_graph': args.cuda_graph,
                      'fit_images': sum(t.shape[0] for _, t in fit), 'fit_disjoint': fit is not batches},
@@ -327,22 +334,23 @@ def _calibration_call(session: EvalSession, k: int, batch: torch.Tensor, forward
 def cascade_points(session: EvalSession, fit: Sequence[Batch], forward, calibration: Sequence[Row],
                    batch_size: int) -> List[OperatingPoint]:
     """The operating points of the cascade policies, all calibrated on the ``fit`` images without load: every
-    served k as a fixed width (its calibrated top-1 and latency), and the cascades of ``pick``'s search space
+    served k as a fixed width (its calibrated top-1 and latency, the latencies non-decreasing in k:
+    ``monotone_in_k``), and the cascades of ``pick``'s search space
     (``cascade_candidates``: ladders over at most 4 of the served k, each at 9 exit shares; few, since a selection
     over many overfits small sets) under the entropy rule, their thresholds fitted on the fit images
     (``fit_spec``), each with its re-runs capped (``capped_point``). The cascades are evaluated exactly from the
     per-image records on seeded batches of the fit images (``latency_draws``: whole rounds), without running the
     model again."""
     by_k = {row['heads']: row for row in calibration}
-    points = [OperatingPoint(CascadeSpec((k,)), row['top1'], row['latency_ms_median'], row['latency_ms_p90'])
-              for k, row in by_k.items()]
     if len(by_k) < 2:
-        return points
+        return [OperatingPoint(CascadeSpec((k,)), row['top1'], row['latency_ms_median'], row['latency_ms_p90'])
+                for k, row in by_k.items()]
     args = session.args
     records = collect_records(session.model, fit, session.heads, session.device,
                               amp_autocast=lambda: autocast(args, session.device), prepare_input=lambda x: x)
     example = next(images for images, _ in fit)
-    table = sub_batch_latency(session, forward, calibration, example, batch_size)
+    table = monotone_in_k(sub_batch_latency(session, forward, calibration, example, batch_size))
+    points = [OperatingPoint(CascadeSpec((k,)), by_k[k]['top1'], *table[k][batch_size]) for k in by_k]
     draws = latency_draws(records.num_images, batch_size, args.seed)
     specs = dict.fromkeys(fit_spec(records, recipe, 'entropy') for recipe in cascade_candidates(session.heads)
                           if len(recipe.ladder) > 1)  # equal thresholds fitted from two shares: one point
@@ -386,6 +394,20 @@ def sub_batch_latency(session: EvalSession, forward, calibration: Sequence[Row],
                         for n in sizes[:-1]] + [row]
             table[k] = {n: (m['latency_ms_median'], m['latency_ms_p90']) for n, m in zip(sizes, measured, strict=True)}
     return table
+
+
+def monotone_in_k(table: LatencyTable) -> LatencyTable:
+    """``table`` with each size's median and p90 made non-decreasing in k (a running maximum), as the
+    ElasticRunner's seed costs are: a larger k never costs less, and a noisy calibration that says so (k = 4's p90
+    under k = 3's) would order the operating points wrongly, so that the load-driven cascade steps "down" to a
+    dearer width."""
+    out: LatencyTable = {}
+    previous: Dict[int, Tuple[float, float]] = {}
+    for k in sorted(table):
+        out[k] = {n: (max(median, previous.get(n, (0., 0.))[0]), max(p90, previous.get(n, (0., 0.))[1]))
+                  for n, (median, p90) in table[k].items()}
+        previous = out[k]
+    return out
 
 
 def _buckets(args: argparse.Namespace, batch_size: int) -> Optional[List[int]]:
