@@ -181,6 +181,15 @@ class HeadController:
     def _target_ms(self) -> float:
         return self.budget_ms * (1 - self.headroom)
 
+    def _entry_ms(self) -> float:
+        """The latency a larger k must be predicted under to be entered."""
+        return self.budget_ms * (1 - self.up_margin)
+
+    def _ceiling(self, now: float) -> int:
+        """The smallest larger k still blocked after a recent failure (past the largest when none is)."""
+        return min((k for k, until in self._blocked_until.items() if until > now and k > self.k),
+                   default=self.heads[-1] + 1)
+
     def _best(self, candidates: Sequence[int]) -> int:
         return max(candidates, key=self.rank.__getitem__)
 
@@ -201,11 +210,9 @@ class HeadController:
         return self.accuracy[k] * sum(ms * scale <= limit for ms in self._recent) / len(self._recent)
 
     def _to_best_goodput(self, now: float) -> None:
-        entry_ms = self.budget_ms * (1 - self.up_margin)
         scores = {k: self.expected_goodput(k) for k in self.heads if k <= self.k}
         if len(self._recent) == self.window:
-            ceiling = min((k for k, until in self._blocked_until.items() if until > now and k > self.k),
-                          default=self.heads[-1] + 1)
+            ceiling, entry_ms = self._ceiling(now), self._entry_ms()
             scores.update({k: self.expected_goodput(k, entry_ms) for k in self.heads if self.k < k < ceiling})
         best = max(scores, key=lambda k: (scores[k], self.rank[k]))
         if scores[best] > scores[self.k]:
@@ -224,10 +231,9 @@ class HeadController:
         self._switch(self._best(fitting) if fitting else lower[0], now)
 
     def _step_up(self, now: float) -> None:
-        blocked = [k for k, until in self._blocked_until.items() if until > now and k > self.k]
-        ceiling = min(blocked, default=self.heads[-1] + 1)
+        ceiling = self._ceiling(now)
         p = nearest_rank(self._recent, self.quantile)
-        entry_ms = self.budget_ms * (1 - self.up_margin)
+        entry_ms = self._entry_ms()
         # A k predicted to fit is entered unless it failed recently; a prediction of clear headroom overrides that.
         fitting = [k for k in self.heads if k > self.k and (
             self.predicted_ms(p, k) <= self._target_ms() or (k < ceiling and self.predicted_ms(p, k) <= entry_ms))]

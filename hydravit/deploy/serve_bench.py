@@ -239,7 +239,8 @@ def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequ
     chosen = pick_cascade(points, args.budget_ms, args.min_top1)
     # The load-driven cascade's levels differ by at least one calibration image (operating_frontier's min_gain),
     # as the ElasticRunner's head counts do. NoFit above covers the floor.
-    one_image = 100 / sum(t.shape[0] for _, t in fit)
+    fit_images = sum(t.shape[0] for _, t in fit)
+    one_image = 100 / fit_images
     cascades = {'pick-cascade': [chosen], 'elastic-cascade': operating_frontier(points, args.min_top1, one_image)}
     policies.update({name: [p.spec.name for p in served] for name, served in cascades.items()})
     print('Policies: ' + '; '.join(f'{name} k={" ".join(map(str, policies[name]))}' for name in POLICIES[:3])
@@ -283,7 +284,7 @@ def run_benchmark(session: EvalSession, batches: Sequence[Batch], schedule: Sequ
                      'repeats': args.repeats,
                      'load_schedule': args.load_schedule, 'load_procs': args.load_procs, 'heads': session.heads,
                      'model_dtype': str(session.model_dtype).replace('torch.', ''), 'cuda_graph': args.cuda_graph,
-                     'fit_images': sum(t.shape[0] for _, t in fit), 'fit_disjoint': fit is not batches},
+                     'fit_images': fit_images, 'fit_disjoint': fit is not batches},
         'calibration': calibration,
         'operating_points': [_point_row(p) for p in points],
         'policies': policies,
