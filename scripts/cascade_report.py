@@ -17,7 +17,9 @@ seed whose records are there is not recorded again. Then, all offline and exact:
   one half of the validation images and measured on the other, both ways, averaged (``budget_choices``: 2-fold
   cross-fitting; the halves are stratified by class, seed 0);
 * the targets: at every such budget the cascade against the best fixed k at or under it, and at half of k = 12's
-  GMACs the cascade against the best fixed k overall.
+  GMACs the cascade against the best fixed k overall. That best k is the max of several noisy figures measured on
+  the very images it is reported on (an optimistic baseline on a few hundred images), so the tables also give the
+  fixed k chosen as the cascades are, on one half and measured on the other (``heldout_fixed``).
 
 Writes OUT/cascade.csv (one row per data set, seed and budget), OUT/cascade.md (mean +- std over seeds) and
 OUT/cascade.png (top-1 against mean GMACs: the fixed-k curve and the cross-fitted cascade frontier, per data set).
@@ -59,7 +61,7 @@ from hydravit.evaluation.common import (  # noqa: E402
 
 DATA = {'digits': 'data/digits', 'mnist': 'data/mnist'}
 FIELDS = ('dataset', 'seed', 'budget', 'budget_gmacs', 'fixed_k', 'fixed_top1', 'fixed_gmacs', 'cascade_top1',
-          'cascade_gmacs', 'margin', 'fold_choices')
+          'cascade_gmacs', 'margin', 'fold_choices', 'fixed_heldout_top1', 'margin_heldout')
 
 
 def record_run(run: Path, data: str, path: Path) -> None:
@@ -125,6 +127,18 @@ def halves_mean(records: CascadeRecords, spec: CascadeSpec, gmacs: Dict[int, flo
     return statistics.mean(evaluate_cascade(records.subset(half), spec, gmacs).top1 for half in split)
 
 
+def heldout_fixed(records: CascadeRecords, heads: List[int], gmacs: Dict[int, float], split) -> float:
+    """Top-1 of the fixed k among ``heads`` chosen the way the cascades are: the best k on one half (ties to the
+    smaller k), measured on the other, both ways, averaged. The best fixed k measured on all images is the max of
+    several noisy figures on the very images it is reported on, an optimistic baseline; this one is not."""
+    tops = []
+    for fit, report in (split, split[::-1]):
+        fitted = records.subset(fit)
+        k = max(heads, key=lambda k: (evaluate_cascade(fitted, CascadeSpec((k,)), gmacs).top1, -k))
+        tops.append(evaluate_cascade(records.subset(report), CascadeSpec((k,)), gmacs).top1)
+    return statistics.mean(tops)
+
+
 def report_run(name: str, seed: int, records: CascadeRecords, gmacs: Dict[int, float]) -> List[dict]:
     heads = sorted(gmacs)
     split = halves(records, seed=0)
@@ -135,14 +149,18 @@ def report_run(name: str, seed: int, records: CascadeRecords, gmacs: Dict[int, f
     rows = []
     for (label, budget), choice in zip(budgets, choices, strict=True):
         within = [k for k in heads if gmacs[k] <= budget * (1 + 1e-9)]
-        best = max(within, key=lambda k: (fixed[k], -k)) if label != 'half of k=12' else max(heads, key=fixed.get)
+        if label == 'half of k=12':
+            within = heads  # the target: the best fixed k overall, at no more than half of k = 12's GMACs
+        best = max(within, key=lambda k: (fixed[k], -k))
+        heldout = heldout_fixed(records, within, gmacs, split)
         rows.append({'dataset': name, 'seed': seed, 'budget': label, 'budget_gmacs': budget, 'fixed_k': best,
                      'fixed_top1': fixed[best], 'fixed_gmacs': gmacs[best], 'cascade_top1': choice.top1,
                      'cascade_gmacs': choice.gmacs, 'margin': choice.top1 - fixed[best],
-                     'fold_choices': ' | '.join(choice.fold_choices)})
+                     'fold_choices': ' | '.join(choice.fold_choices), 'fixed_heldout_top1': heldout,
+                     'margin_heldout': choice.top1 - heldout})
     rows += [{'dataset': name, 'seed': seed, 'budget': f'fixed k={k}', 'budget_gmacs': gmacs[k], 'fixed_k': k,
               'fixed_top1': fixed[k], 'fixed_gmacs': gmacs[k], 'cascade_top1': None, 'cascade_gmacs': None,
-              'margin': None, 'fold_choices': ''} for k in heads]
+              'margin': None, 'fold_choices': '', 'fixed_heldout_top1': None, 'margin_heldout': None} for k in heads]
     return rows
 
 
@@ -163,7 +181,8 @@ def markdown(rows: List[dict]) -> str:
         seeds = sorted({r['seed'] for r in mine})
         lines += [f'### {name} ({len(seeds)} seed{"s" if len(seeds) > 1 else ""}: {", ".join(map(str, seeds))})', '',
                   '| budget (GMACs) | best fixed k within it | its top-1 | cascade top-1 (held out) | cascade GMACs '
-                  '| margin (p.p.) | met |', '|---|---|---|---|---|---|---|']
+                  '| margin (p.p.) | met | fixed k chosen on the other half: top-1 | margin to it (p.p.) |',
+                  '|---|---|---|---|---|---|---|---|---|']
         for budget in dict.fromkeys(r['budget'] for r in mine):
             rs = [r for r in mine if r['budget'] == budget]
             margins = [r['margin'] for r in rs]
@@ -172,7 +191,9 @@ def markdown(rows: List[dict]) -> str:
             lines.append(f'| {budget}: {statistics.mean(r["budget_gmacs"] for r in rs):.4f} '
                          f'| {"/".join(map(str, ks))} | {mean_std([r["fixed_top1"] for r in rs])} '
                          f'| {mean_std([r["cascade_top1"] for r in rs])} '
-                         f'| {mean_std4([r["cascade_gmacs"] for r in rs])} | {mean_std(margins)} | {met} |')
+                         f'| {mean_std4([r["cascade_gmacs"] for r in rs])} | {mean_std(margins)} | {met} '
+                         f'| {mean_std([r["fixed_heldout_top1"] for r in rs])} '
+                         f'| {mean_std([r["margin_heldout"] for r in rs])} |')
         lines.append('')
     return '\n'.join(lines)
 

@@ -53,6 +53,25 @@ def test_report_is_rebuilt_from_committed_records_alone(tmp_path):
     assert md.startswith('### digits (2 seeds: 0, 1)') and (tmp_path / 'out' / 'cascade.png').is_file()
 
 
+def test_fixed_k_baseline_chosen_on_one_half_is_measured_on_the_other():
+    """Each half favours another k: in-sample both score 75 %, held out the chosen k scores 50 % both ways."""
+    script = load_script()
+    n, heads = 16, [3, 4]
+    target = torch.arange(n) % 2
+    first, second = halves(CascadeRecords(heads, target, {k: target for k in heads},
+                                          {k: torch.ones(n, dtype=torch.bool) for k in heads},
+                                          {r: {k: torch.zeros(n) for k in heads} for r in RULES}), seed=0)
+    right = {3: torch.zeros(n, dtype=torch.bool), 4: torch.zeros(n, dtype=torch.bool)}
+    right[3][first], right[4][second] = True, True
+    right[3][second[::2]], right[4][first[::2]] = True, True
+    records = CascadeRecords(heads, target, {k: torch.where(right[k], target, 1 - target) for k in heads},
+                             {k: torch.ones(n, dtype=torch.bool) for k in heads},
+                             {r: {k: torch.zeros(n) for k in heads} for r in RULES})
+    gmacs = {3: 1., 4: 2.}
+    assert [evaluate_cascade(records, CascadeSpec((k,)), gmacs).top1 for k in heads] == [75., 75.]
+    assert script.heldout_fixed(records, heads, gmacs, (first, second)) == 50.
+
+
 def test_records_keep_float32_scores_exactly_at_9_digits():
     values = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3
     assert torch.equal(torch.tensor([float(f'{v:.9g}') for v in values.tolist()], dtype=torch.float32), values)
