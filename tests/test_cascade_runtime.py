@@ -309,6 +309,35 @@ def test_goodput_objective_steps_up_only_when_the_scaled_window_fits():
     assert _fed(stay, [4.] * 19 + [4.9]) == [0] * 20
 
 
+def _served(controller, latency_of_k: dict, calls: int, start: float) -> list:
+    """Serve ``calls`` calls, each at the controller's k with that k's latency, one per 10 ms; the k after each."""
+    return [controller.update(latency_of_k[controller.k], start + 0.01 * i) for i in range(calls)]
+
+
+@pytest.mark.parametrize('objective', ['goodput', 'p90'])
+def test_costs_learned_under_a_time_slicing_load_are_dropped_once_the_device_runs_as_calibrated(objective):
+    from hydravit.deploy.runtime import HeadController
+    # Calibrated: k=4 37 ms, k=8 95 ms (2.6x), budget 150 ms. A load that time-slices the CPU: k=8 300 ms, k=4 75
+    # ms (4x). Stepping down learns k=4's cost as 95 x 75/300 = 23.75 ms, so once the load is gone k=4's 37 ms
+    # scale to 148 ms at k=8, over the 142.5 ms entry margin: the goodput objective stayed at k=4 (serve-bench,
+    # digits seed 1). A full window at k=4 whose median is within 10 % of its calibrated 37 ms drops what was
+    # learned.
+    kwargs = dict(costs={4: 37., 8: 95.}, start=8, accuracy={4: 98.2, 8: 99.1}, objective=objective)
+    calibrated, loaded = {4: 37., 8: 95.}, {4: 75., 8: 300.}
+    for recalibrate in (0.1, None):
+        controller = HeadController([4, 8], 150., recalibrate_within=recalibrate, **kwargs)
+        assert _served(controller, calibrated, 20, start=0.) == [8] * 20
+        assert _served(controller, loaded, 60, start=1.)[-40:] == [4] * 40 and controller.costs[4] == 23.75
+        after = _served(controller, calibrated, 40, start=3.)
+        if recalibrate:  # back at k=8 once the window holds (almost) only calibrated calls; the seeds' ratio again
+            assert after[:10] == [4] * 10 and 8 in after[10:20] and after[-1] == 8
+            assert controller.costs[4] / controller.costs[8] == pytest.approx(37. / 95.)
+        elif objective == 'goodput':  # the ratio learned under the load is kept: stuck at k=4
+            assert after == [4] * 40
+    # k² seeds are no latencies: nothing is dropped.
+    assert HeadController([4, 8], 150., objective=objective, accuracy=kwargs['accuracy']).recalibrate_within is None
+
+
 def test_goodput_objective_needs_accuracies_and_a_known_name():
     from hydravit.deploy.runtime import HeadController
     with pytest.raises(ValueError, match=r"^objective 'goodput' needs the accuracy of every level \(a profile with "

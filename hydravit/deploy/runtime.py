@@ -72,6 +72,12 @@ class HeadController:
     from, two calls under the same load, gives that k's cost relative to the other's (the median of the last
     ``samples`` such measurements per k); the seed is only scaled for the k it has not run yet. So a k measured
     before a load and a k measured under it are comparable, and after a load the runner returns to the k it held.
+    Given ``costs`` are taken as measured without load: when a full window at the current k has its median within
+    ``recalibrate_within`` (a fraction; None: never) of that k's seed, the device is as it was when measured, and
+    the costs learned since are dropped, so the seeds' ratios hold again. (Under a load that time-slices the CPU
+    the ratio of two widths' latencies grows -- a k = 4 call waits about as long for its slices as a k = 8 call --
+    so a cost learned when the runner stepped down under load overstates the larger k once the load is gone, and
+    kept it at the smaller k.) Without ``costs`` (k² seeds, not milliseconds) nothing is dropped.
     ``accuracy``: top-1 per k; among the k that fit, the most accurate is chosen (without it: the largest).
     The "head counts" are only ordered levels whose cost grows with the level: ``CascadeController`` passes the
     indices of its operating points.
@@ -89,7 +95,7 @@ class HeadController:
                  start: Optional[int] = None, window: int = 20, quantile: float = 0.9, headroom: float = 0.15,
                  up_margin: float = 0.05, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
                  stable_s: float = 10.0, accuracy: Optional[Dict[int, float]] = None, objective: str = 'p90',
-                 min_samples: int = 5) -> None:
+                 min_samples: int = 5, recalibrate_within: Optional[float] = 0.1) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f'objective must be one of {OBJECTIVES}, got {objective!r}')
         if objective == 'goodput' and not accuracy:
@@ -105,6 +111,7 @@ class HeadController:
         if any(k not in seeds for k in self.heads):
             raise ValueError(f'costs must cover every head count {self.heads}, got {sorted(seeds)}')
         self.seed_costs = {k: float(seeds[k]) for k in self.heads}
+        self.recalibrate_within = recalibrate_within if costs else None  # k² seeds are no latencies to return to
         self.learned: Dict[int, Deque[float]] = {}  # per k: its cost (ms) measured at each entry
         self.samples = 5
         self._entered_from: Optional[Tuple[int, float]] = None  # (k, latency of its last call) at the last switch
@@ -131,6 +138,7 @@ class HeadController:
         self._recent.append(latency_ms)
         self._over += latency_ms > self.budget_ms
         self._learn(latency_ms)
+        self._recalibrate()
         if self._over > int(len(self._recent) * (1 - self.quantile) + 1e-9):  # the p90 of the calls so far is over
             self._step_down(now)
         elif self.objective == 'goodput':
@@ -152,6 +160,16 @@ class HeadController:
             cost = self.costs[previous] * latency_ms / previous_ms
         self.learned.setdefault(self.k, deque(maxlen=self.samples)).append(cost)
         self._entered_from, self._costs = None, None
+
+    def _recalibrate(self) -> None:
+        """Drop the learned costs when a full window at the current k runs as fast as its seed said (see the class
+        docstring); only when another k's cost was learned, so that there is something to forget."""
+        if (self.recalibrate_within is None or len(self._recent) < self.window
+                or not set(self.learned) - {self.k}):
+            return
+        if float(np.median(self._recent)) <= self.seed_costs[self.k] * (1 + self.recalibrate_within):
+            self.learned.clear()  # the next call at this k sets the scale again, as the very first call did
+            self._entered_from, self._costs = None, None
 
     @property
     def costs(self) -> Dict[int, float]:
