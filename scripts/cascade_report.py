@@ -122,27 +122,33 @@ def _eval_args(run: Path, data: str) -> argparse.Namespace:
                               '-j', '0', '--device', 'cpu'])
 
 
-def halves_mean(records: CascadeRecords, spec: CascadeSpec, gmacs: Dict[int, float], split) -> float:
-    """Top-1 of ``spec`` as the mean over the two halves (how the cascades' figures are averaged)."""
-    return statistics.mean(evaluate_cascade(records.subset(half), spec, gmacs).top1 for half in split)
+def fixed_top1_per_half(records: CascadeRecords, heads: List[int], gmacs: Dict[int, float],
+                        split) -> List[Dict[int, float]]:
+    """Top-1 of every fixed k on each half of ``split``: ``[{k: top1}, {k: top1}]``, the one table both the fixed
+    k's figures (the mean over the halves, as the cascades' are averaged) and ``heldout_fixed`` read."""
+    per_half = []
+    for half in split:
+        subset = records.subset(half)
+        per_half.append({k: evaluate_cascade(subset, CascadeSpec((k,)), gmacs).top1 for k in heads})
+    return per_half
 
 
-def heldout_fixed(records: CascadeRecords, heads: List[int], gmacs: Dict[int, float], split) -> float:
+def heldout_fixed(per_half: List[Dict[int, float]], heads: List[int]) -> float:
     """Top-1 of the fixed k among ``heads`` chosen the way the cascades are: the best k on one half (ties to the
-    smaller k), measured on the other, both ways, averaged. The best fixed k measured on all images is the max of
-    several noisy figures on the very images it is reported on, an optimistic baseline; this one is not."""
+    smaller k), measured on the other, both ways, averaged (``per_half``: ``fixed_top1_per_half``). The best fixed
+    k measured on all images is the max of several noisy figures on the very images it is reported on, an
+    optimistic baseline; this one is not."""
     tops = []
-    for fit, report in (split, split[::-1]):
-        fitted = records.subset(fit)
-        k = max(heads, key=lambda k: (evaluate_cascade(fitted, CascadeSpec((k,)), gmacs).top1, -k))
-        tops.append(evaluate_cascade(records.subset(report), CascadeSpec((k,)), gmacs).top1)
+    for fit, report in (per_half, per_half[::-1]):
+        tops.append(report[max(heads, key=lambda k: (fit[k], -k))])
     return statistics.mean(tops)
 
 
 def report_run(name: str, seed: int, records: CascadeRecords, gmacs: Dict[int, float]) -> List[dict]:
     heads = sorted(gmacs)
     split = halves(records, seed=0)
-    fixed = {k: halves_mean(records, CascadeSpec((k,)), gmacs, split) for k in heads}
+    per_half = fixed_top1_per_half(records, heads, gmacs, split)
+    fixed = {k: statistics.mean(top1[k] for top1 in per_half) for k in heads}
     budgets = [(f'k={k}', gmacs[k]) for k in heads if 3 < k < heads[-1]] + [('half of k=12', gmacs[heads[-1]] / 2)]
     recipes = cascade_candidates(heads)
     choices = budget_choices(records, recipes, 'entropy', gmacs, [b for _, b in budgets], split=split)
@@ -152,7 +158,7 @@ def report_run(name: str, seed: int, records: CascadeRecords, gmacs: Dict[int, f
         if label == 'half of k=12':
             within = heads  # the target: the best fixed k overall, at no more than half of k = 12's GMACs
         best = max(within, key=lambda k: (fixed[k], -k))
-        heldout = heldout_fixed(records, within, gmacs, split)
+        heldout = heldout_fixed(per_half, within)
         rows.append({'dataset': name, 'seed': seed, 'budget': label, 'budget_gmacs': budget, 'fixed_k': best,
                      'fixed_top1': fixed[best], 'fixed_gmacs': gmacs[best], 'cascade_top1': choice.top1,
                      'cascade_gmacs': choice.gmacs, 'margin': choice.top1 - fixed[best],

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from hydravit.deploy.serve_bench import aggregate  # noqa: E402
+from hydravit.deploy.serve_bench import aggregate, cascade_targets  # noqa: E402
 
 SAME = ('budget_ms', 'batch_size', 'min_top1', 'objective', 'load_schedule', 'load_procs', 'repeats', 'duration_s')
 COLUMNS = (  # key, header, format
@@ -89,12 +89,9 @@ def format_group(data: str, group: Sequence[dict]) -> str:
         lines.append(f'| {name} | {"; ".join(served(r, name) for r in group)} | ' + ' | '.join(cells) + ' |')
     lines.append('')
     for result in group:
-        by = {row['policy']: row for row in result['summary']}
-        cascade, elastic = by['elastic-cascade'], by['elastic']
-        diffs = [cascade[key] - elastic[key] for key in ('goodput_load', 'goodput_no_load')]
-        lines.append(f'- {result["settings"]["checkpoint"]}: elastic-cascade against elastic {diffs[0]:+.1f} p.p. '
-                     f'under load (target above: {"met" if diffs[0] > 0 else "missed"}), {diffs[1]:+.1f} p.p. '
-                     f'without load (target not below: {"met" if diffs[1] >= 0 else "missed"})')
+        parts = [f'{diff:+.1f} p.p. {what} (target {target}: {"met" if met else "missed"})'
+                 for _, what, target, diff, met in cascade_targets(result['summary'])]
+        lines.append(f'- {result["settings"]["checkpoint"]}: elastic-cascade against elastic {", ".join(parts)}')
     return '\n'.join(lines)
 
 

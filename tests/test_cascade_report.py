@@ -69,7 +69,7 @@ def test_fixed_k_baseline_chosen_on_one_half_is_measured_on_the_other():
                              {r: {k: torch.zeros(n) for k in heads} for r in RULES})
     gmacs = {3: 1., 4: 2.}
     assert [evaluate_cascade(records, CascadeSpec((k,)), gmacs).top1 for k in heads] == [75., 75.]
-    assert script.heldout_fixed(records, heads, gmacs, (first, second)) == 50.
+    assert script.heldout_fixed(script.fixed_top1_per_half(records, heads, gmacs, (first, second)), heads) == 50.
 
 
 def test_records_keep_float32_scores_exactly_at_9_digits():

@@ -652,18 +652,29 @@ def targets(result: dict) -> List[str]:
         lines.append(f'goodput {what}: elastic {elastic[key]:.1f} % vs pick (k={fixed["k"]:.0f}) {fixed[key]:.1f} % '
                      f'({diff:+.1f} p.p.; target {target}: {"met" if holds(diff) else "MISSED"})')
     cascade = by['elastic-cascade']
-    for key, what, target, holds in (('goodput_load', 'under load', 'above', lambda d: d > 0),
-                                     ('goodput_no_load', 'without load', 'not below', lambda d: d >= 0)):
-        if cascade[key] is None or elastic[key] is None:
-            continue
-        diff = cascade[key] - elastic[key]
+    for key, what, target, diff, met in cascade_targets(result['summary']):
         lines.append(f'goodput {what}: elastic-cascade {cascade[key]:.1f} % vs elastic {elastic[key]:.1f} % '
-                     f'({diff:+.1f} p.p.; target {target} elastic: {"met" if holds(diff) else "MISSED"})')
+                     f'({diff:+.1f} p.p.; target {target} elastic: {"met" if met else "MISSED"})')
     lines.append(f'pick-cascade serves {result["policies"]["pick-cascade"][0]}')
     outside = sum(row['outside_heads'] for row in result['summary'])
     lines.append(f'calls at a k outside the served set: {outside:.0f} '
                  f'(target 0: {"met" if outside == 0 else "MISSED"})')
     return lines
+
+
+def cascade_targets(summary: Sequence[Row]) -> List[Tuple[str, str, str, float, bool]]:
+    """The load-driven cascade against the ElasticRunner (issue 22): goodput under load above it, without load not
+    below it. One ``(key, 'under load' | 'without load', 'above' | 'not below', difference in p.p., met)`` per
+    segment kind the run had."""
+    by = {row['policy']: row for row in summary}
+    cascade, elastic = by['elastic-cascade'], by['elastic']
+    out = []
+    for key, what, target, holds in (('goodput_load', 'under load', 'above', lambda d: d > 0),
+                                     ('goodput_no_load', 'without load', 'not below', lambda d: d >= 0)):
+        if cascade[key] is not None and elastic[key] is not None:
+            diff = cascade[key] - elastic[key]
+            out.append((key, what, target, diff, holds(diff)))
+    return out
 
 
 def rolling(calls: Sequence[Call], budget_ms: float, seconds: float = ROLLING_S) -> Tuple[np.ndarray, ...]:
