@@ -756,14 +756,24 @@ def plan(args: argparse.Namespace) -> List[tuple]:
 
 
 def with_teachers(todo: List[tuple], runs: Path) -> List[tuple]:
-    """A teacher or source recipe needs its dedicated 12-head run's weights of its seed: train it again (before
-    the recipe) where they are not on this machine; its new result replaces the recorded one."""
+    """A teacher or source recipe needs its dedicated 12-head run's weights of its seed: train it again where they
+    are not on this machine (its new result replaces the recorded one). Within a seed the base runs go first and
+    the recipes that wait for one last, so that no worker of ``--jobs`` sleeps on a base while other runs are left."""
     cells = list(todo)
     for recipe, seed in todo:
         dedicated = (RECIPES[recipe.base], seed)
         if recipe.needs_k12 and not teacher_file(runs, seed, recipe.base).is_file() and dedicated not in cells:
-            cells.insert(cells.index((recipe, seed)), dedicated)
-    return cells
+            cells.append(dedicated)
+    names = {(recipe.name, seed) for recipe, seed in cells}
+    waits = {(recipe.name, seed) for recipe, seed in cells if recipe.needs_k12 and (recipe.base, seed) in names}
+    bases = {(RECIPES[name].base, seed) for name, seed in waits}
+    seeds = list(dict.fromkeys(seed for _, seed in cells))
+
+    def rank(cell: tuple) -> tuple:
+        key = (cell[0].name, cell[1])
+        return seeds.index(cell[1]), 0 if key in bases else 2 if key in waits else 1
+
+    return sorted(cells, key=rank)  # stable: plan order within each rank
 
 
 def run_all(todo: List[tuple], data: Path, runs: Path, report: Path, jobs: int) -> None:

@@ -323,3 +323,16 @@ def test_unknown_source_compute_is_blank_not_nan():
     assert 'source_gmacs' not in compare.gmacs_columns(rows[0], rows)
     rows.append(_row('dedicated_k12', 0, 90.0))
     assert compare._beyond_source(rows, 'convert_ft10').endswith('x')
+
+
+def test_bases_run_first_and_their_dependents_last_so_no_worker_waits(tmp_path):
+    recipes = compare.RECIPES
+    todo = [(recipes[name], seed) for seed in (0, 1) for name in
+            ('sandwich_e20', 'shrink18_ikd_ft10', 'convert_ft8_teacher', 'largest2_ikd_e28')]
+    compare.teacher_file(tmp_path, 1).parent.mkdir(parents=True)
+    compare.teacher_file(tmp_path, 1).write_bytes(b'x')  # seed 1's dedicated_k12 is here: nothing waits on it
+    cells = [(recipe.name, seed) for recipe, seed in compare.with_teachers(todo, tmp_path)]
+    assert cells == [('dedicated_k12_e18', 0), ('dedicated_k12', 0), ('sandwich_e20', 0), ('largest2_ikd_e28', 0),
+                     ('shrink18_ikd_ft10', 0), ('convert_ft8_teacher', 0),
+                     ('dedicated_k12_e18', 1), ('sandwich_e20', 1), ('convert_ft8_teacher', 1),
+                     ('largest2_ikd_e28', 1), ('shrink18_ikd_ft10', 1)]
