@@ -39,6 +39,7 @@ def test_report_gives_mean_and_std_over_seeds_and_resumes_from_its_csv(tmp_path)
     text = (report / 'comparison.md').read_text()
     assert '| paper_uniform | 2 | 40 | 3360 | 12,096 |  | 1.0 | 0.5 | 84.00 ± 1.41 |' in text  # k=3: 83, 85
     assert (report / 'comparison.png').stat().st_size > 10_000
+    assert (report / 'comparison_cost.png').is_file()  # no entry has every k and both papers yet: an empty frame
     # a later session on another machine: no run folders, the committed CSV says what is done
     reloaded = compare.load_results(tmp_path / 'elsewhere', report)
     assert [(r['recipe'], r['seed']) for r in reloaded] == [('paper_uniform', 0), ('paper_uniform', 1),
@@ -68,9 +69,18 @@ def test_targets_table_names_which_targets_a_recipe_meets():
     rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9)]  # dedicated k: 81.8 + k
     rows.append({**_row('dedicated_k12', 0, 81.8), 'subnet_passes': 3000})  # 3000 x 0.12 GMACs; sandwich: 3360 x 0.075
     text = compare.targets_table(rows)
-    assert '| sandwich | 1x | 0.25x | 0.70x |  | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes |' in text
-    assert '| paper_uniform | 1x | 0.25x | 0.70x |  | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no |' in text
-    assert '| sandwich_e40 | 4x | 1.00x | 2.80x |  | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes |' in text
+    assert ('| sandwich | 1x | 0.25x | 0.70x |  | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | yes | scratch <= 1.0x: fits '
+            '| yes |') in text
+    assert ('| paper_uniform | 1x | 0.25x | 0.70x |  | -1.00 | -1.80 | -1.80 | -1.80 | -1.80 | no | scratch <= 1.0x: '
+            'fits | no |') in text
+    # every target met, but at 2.8x the dedicated 12-head ViT's training GMACs: not within the budget
+    assert ('| sandwich_e40 | 4x | 1.00x | 2.80x |  | +1.00 | +0.20 | +0.20 | +0.20 | +0.20 | yes | scratch <= 1.0x: '
+            'over | no |') in text
+    margins = compare.target_margins(rows)
+    assert margins['sandwich']['worst'] == pytest.approx(0.2)  # the dedicated gap + 0.5, under vs paper's +0.5
+    assert margins['paper_uniform']['worst'] == pytest.approx(-1.3)
+    assert margins['sandwich_e40']['gaps'] == {3: pytest.approx(0.2), 6: pytest.approx(0.2), 9: pytest.approx(0.2),
+                                               12: pytest.approx(0.2)}
 
 
 def test_targets_table_counts_a_tie_with_the_paper_as_met():
@@ -206,6 +216,9 @@ def test_targets_table_gives_gmacs_against_dedicated_k12_and_beyond_the_source()
     text = compare.targets_table(rows)
     assert '| recipe | compute | GMACs vs sandwich_e40 | GMACs vs dedicated k=12 | beyond source | vs paper |' in text
     assert f'| convert_ft10 | 2x |  | {1 + beyond / source:.2f}x | {beyond / source:.2f}x | +0.50 |' in text
+    # held to the budget from the trained ViT (beyond / source = 0.99x > 0.5x), not to the scratch one
+    assert text.split('| convert_ft10 |')[1].split('\n')[0].endswith('| yes | from ViT <= 0.5x: over | no |')
+    assert compare.budget_ratio(rows, 'convert_ft10') == pytest.approx(beyond / source)
     assert '| sandwich | 1x |  | 0.70x |  | +0.50 |' in text  # 3360 x 0.075 against 3000 x 0.12; no source
 
 
@@ -336,3 +349,17 @@ def test_bases_run_first_and_their_dependents_last_so_no_worker_waits(tmp_path):
                      ('shrink18_ikd_ft10', 0), ('convert_ft8_teacher', 0),
                      ('dedicated_k12_e18', 1), ('sandwich_e20', 1), ('convert_ft8_teacher', 1),
                      ('largest2_ikd_e28', 1), ('shrink18_ikd_ft10', 1)]
+
+
+def test_cost_plot_puts_each_entry_at_its_gmacs_and_worst_margin(tmp_path):
+    rows = [_row('paper_uniform', 0, 80.0), _row('paper_weighted', 0, 81.0), _row('sandwich', 0, 81.5),
+            {**_row('sandwich_e40', 0, 82.0), 'subnet_passes': 4 * 3360}, _row('sandwich_ikd', 0, 70.0)]
+    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9)]
+    rows.append({**_row('dedicated_k12', 0, 81.8), 'subnet_passes': 3000})
+    fig = compare.plot_cost(rows, tmp_path / 'cost.png')
+    points = {text.get_text(): text.xy for text in fig.axes[0].texts}
+    assert points['sandwich'] == (pytest.approx(0.70, abs=0.005), pytest.approx(0.2))
+    assert points['sandwich_e40'] == (pytest.approx(2.80, abs=0.005), pytest.approx(0.2 + 0.5))
+    # far under the floor: drawn on it, with its value in the label
+    assert points['sandwich_ikd (-11.3)'] == (pytest.approx(0.70, abs=0.005), compare.COST_FLOOR)
+    assert (tmp_path / 'cost.png').stat().st_size > 10_000
