@@ -607,7 +607,8 @@ def _compute_multiple(rows: List[dict], recipe: str) -> float:
 def target_margins(rows: List[dict]) -> Dict[str, dict]:
     """The issue's targets per recipe with every k (model top-1 means, p.p.): ``vs_paper``, the worst margin over
     both paper recipes across k = 3..12 (met: >= 0); ``gaps``, the margin to the dedicated ViT at each dedicated k
-    (met: >= -0.5); ``worst``, the least of ``vs_paper`` and each gap + 0.5 (>= 0: every target met); ``met``."""
+    (met: >= -0.5); ``worst``, the least of ``vs_paper`` and each gap + 0.5 (>= 0: every target met); ``close``, the
+    targets whose mean margin is within one std of the entry's seeds from its threshold; ``met``."""
     papers = [_means(rows, name) for name in ('paper_uniform', 'paper_weighted')]
     dedicated = {RECIPES[n].dedicated: _means(rows, n)[RECIPES[n].dedicated] for n in RECIPES
                  if RECIPES[n].baseline and _means(rows, n)}
@@ -621,9 +622,21 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
         vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
         gaps = {k: round(means[k] - dedicated[k], 6) + 0.0 for k in sorted(dedicated)}
         worst = round(min([vs_paper] + [g + 0.5 for g in gaps.values()]), 6) + 0.0
-        margins[name] = {'vs_paper': vs_paper, 'gaps': gaps, 'worst': worst,
+        # the issue asks for 5 seeds where a mean sits within one std (over this entry's seeds) of a threshold
+        stds = _stds(rows, name)
+        close = [f'paper k={k}' for k in HEADS if abs(means[k] - max(p[k] for p in papers)) <= stds.get(k, -1)
+                 and not name.startswith('paper')]  # the paper recipes are this target's reference
+        close += [f'k={k}' for k, g in gaps.items() if abs(g + 0.5) <= stds.get(k, -1)]
+        margins[name] = {'vs_paper': vs_paper, 'gaps': gaps, 'worst': worst, 'close': close,
                          'met': vs_paper >= 0 and all(g >= -0.5 for g in gaps.values()) and len(gaps) == 4}
     return margins
+
+
+def _stds(rows: List[dict], recipe: str) -> Dict[int, float]:
+    """Model top-1 std over the recipe's seeds per k (none with one seed)."""
+    runs = [r for r in rows if r['recipe'] == recipe]
+    return {k: statistics.stdev(r[f'top1_k{k}'] for r in runs) for k in HEADS
+            if len(runs) > 1 and all(f'top1_k{k}' in r for r in runs)}
 
 
 def entry_goal(recipe: Recipe) -> str:
@@ -658,9 +671,10 @@ def targets_table(rows: List[dict]) -> str:
         body.append([name, _times(_compute_multiple(rows, name), 0), _gmacs_vs(rows, name),
                      _gmacs_vs(rows, name, 'dedicated_k12'), _beyond_source(rows, name), f'{m["vs_paper"]:+.2f}',
                      *(f'{m["gaps"][k]:+.2f}' for k in ded_ks), 'yes' if m['met'] else 'no',
-                     budget, 'yes' if m['met'] and fits else 'no'])
+                     budget, 'yes' if m['met'] and fits else 'no', ', '.join(m['close'])])
     head = ['recipe', 'compute', 'GMACs vs sandwich_e40', 'GMACs vs dedicated k=12', 'beyond source', 'vs paper',
-            *(f'vs dedicated k={k}' for k in ded_ks), 'all met', 'budget', 'met within budget']
+            *(f'vs dedicated k={k}' for k in ded_ks), 'all met', 'budget', 'met within budget',
+            'within 1 std']
     return ('**Targets** (model top-1 means, p.p.): `vs paper` = min over k = 3..12 of recipe - max(paper uniform, '
             'paper weighted), met when >= 0; `vs dedicated k=K` = recipe - dedicated ViT, met when >= -0.5; '
             '`compute` = subnetwork passes relative to the paper recipes; `GMACs vs sandwich_e40` and `GMACs vs '
@@ -668,7 +682,8 @@ def targets_table(rows: List[dict]) -> str:
             'recipe and to the dedicated 12-head ViT; `beyond source` = converted entries\' training GMACs beyond '
             "their source relative to the source's; `budget`: from scratch <= 1.0x the dedicated 12-head ViT's "
             'training GMACs (a source the entry trains itself included), from the trained 12-head ViT <= 0.5x of '
-            "its GMACs beyond it.\n\n" + pipe_table(head, body))
+            "its GMACs beyond it; `within 1 std` = the targets whose mean margin lies within one std (over the entry's "
+            'seeds, at that k) of its limit: more seeds decide them.\n\n' + pipe_table(head, body))
 
 
 def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') -> str:
