@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -430,10 +430,10 @@ def expected_gmacs(recipe: Recipe) -> Tuple[float, float]:
     return total + source + conversion_gmacs(recipe, gmacs), source
 
 
-def goal_ratio(recipe: Recipe, total: float, source: float, k12: float) -> float:
-    """What ``GOALS[recipe.goal]`` bounds: training GMACs over the dedicated 12-head ViT's ``k12`` ('scratch'), or
-    the GMACs spent beyond the source over the source's ('vit')."""
-    return (total - source) / source if recipe.goal == 'vit' else total / k12
+def goal_ratio(goal: str, total: float, source: float, k12: float) -> float:
+    """What ``GOALS[goal]`` bounds: training GMACs over the dedicated 12-head ViT's ``k12`` ('scratch'), or the GMACs
+    spent beyond the source over the source's ('vit')."""
+    return (total - source) / source if goal == 'vit' else total / k12
 
 
 def plan_text(recipe: Recipe) -> str:
@@ -445,7 +445,7 @@ def plan_text(recipe: Recipe) -> str:
     if recipe.source:
         text += f', {(total - source) / source:.2f}x beyond source'
     if recipe.goal is not None:
-        fits = goal_ratio(recipe, total, source, k12) <= GOALS[recipe.goal]
+        fits = goal_ratio(recipe.goal, total, source, k12) <= GOALS[recipe.goal]
         text += f' [{recipe.goal} <= {GOALS[recipe.goal]}x: {"fits" if fits else "OVER"}]'
     return text
 
@@ -647,14 +647,14 @@ def entry_goal(recipe: Recipe) -> str:
 
 def budget_ratio(rows: List[dict], name: str) -> float:
     """What the entry's ``entry_goal`` bounds, from its runs' mean training GMACs (``goal_ratio``); NaN if unknown."""
-    runs, k12 = [r for r in rows if r['recipe'] == name], [r for r in rows if r['recipe'] == 'dedicated_k12']
-    if not runs or not k12:
-        return float('nan')
-    recipe = RECIPES[name]
-    total = statistics.mean(training_gmacs(r, rows) for r in runs)
-    source = statistics.mean(source_gmacs(r, rows) for r in runs) if recipe.source else 0.0
-    k12_gmacs = statistics.mean(training_gmacs(r, rows) for r in k12)
-    return goal_ratio(Recipe(name, '', goal=entry_goal(recipe)), total, source, k12_gmacs)
+    source = _mean_gmacs(rows, name, source_gmacs) if RECIPES[name].source else 0.0
+    return goal_ratio(entry_goal(RECIPES[name]), _mean_gmacs(rows, name), source, _mean_gmacs(rows, 'dedicated_k12'))
+
+
+def _mean_gmacs(rows: List[dict], recipe: str, of: Callable[[dict, List[dict]], float] = training_gmacs) -> float:
+    """Mean over the recipe's runs of ``of`` (``training_gmacs`` or ``source_gmacs``); NaN without runs."""
+    values = [of(r, rows) for r in rows if r['recipe'] == recipe]
+    return statistics.mean(values) if values else float('nan')
 
 
 def targets_table(rows: List[dict]) -> str:
@@ -687,18 +687,14 @@ def targets_table(rows: List[dict]) -> str:
 
 
 def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') -> str:
-    ref = [training_gmacs(r, rows) for r in rows if r['recipe'] == reference]
-    mine = [training_gmacs(r, rows) for r in rows if r['recipe'] == recipe]
-    return _times(statistics.mean(mine) / statistics.mean(ref)) if ref and mine else ''
+    return _times(_mean_gmacs(rows, recipe) / _mean_gmacs(rows, reference))
 
 
 def _beyond_source(rows: List[dict], recipe: str) -> str:
     """A source entry's mean training GMACs beyond its source's, relative to the source's ('' for others)."""
-    runs = [r for r in rows if r['recipe'] == recipe]
-    if not RECIPES[recipe].source or not runs:
+    if not RECIPES[recipe].source:
         return ''
-    total = statistics.mean(training_gmacs(r, rows) for r in runs)
-    source = statistics.mean(source_gmacs(r, rows) for r in runs)
+    total, source = _mean_gmacs(rows, recipe), _mean_gmacs(rows, recipe, source_gmacs)
     return _times((total - source) / source)
 
 
@@ -747,13 +743,13 @@ def plot_cost(rows: List[dict], path: Path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    k12 = [training_gmacs(r, rows) for r in rows if r['recipe'] == 'dedicated_k12']
+    k12 = _mean_gmacs(rows, 'dedicated_k12')
     fig = Figure(figsize=(10, 6), dpi=90, layout='constrained')
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     points = []
     for name, margin in target_margins(rows).items():
-        x = statistics.mean(training_gmacs(r, rows) for r in rows if r['recipe'] == name) / statistics.mean(k12)
+        x = _mean_gmacs(rows, name) / k12
         if math.isfinite(x):
             points.append((x, max(margin['worst'], COST_FLOOR), name, margin))
     on_floor = 0

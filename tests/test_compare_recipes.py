@@ -280,7 +280,7 @@ def test_every_budget_entry_is_planned_within_its_goal(monkeypatch, tmp_path):
     for name, recipe in planned.items():
         total, source = compare.expected_gmacs(recipe)
         # 2 % under the budget: about 4 standard deviations of the sampler's draws over one 10-epoch fine-tune
-        assert compare.goal_ratio(recipe, total, source, k12) <= 0.98 * compare.GOALS[recipe.goal], name
+        assert compare.goal_ratio(recipe.goal, total, source, k12) <= 0.98 * compare.GOALS[recipe.goal], name
         assert 'fits' in compare.plan_text(recipe)
         # from a trained ViT: the dedicated 12-head run; from scratch: no source, or one this entry trains itself
         assert (recipe.source and recipe.base == 'dedicated_k12') if recipe.goal == 'vit' else \
