@@ -22,8 +22,10 @@ run's passes per k, plus a teacher's forwards (x 1). Rows recorded before the pe
 expected value from their sampler's distribution. A converted entry (``hydravit.convert`` of the dedicated 12-head
 run of the same seed, then a fine-tune) also counts its source's training and the conversion's calibration passes.
 The CSV keeps each run's ``train_gmacs`` (and a source entry's ``source_gmacs``), so budgets can be checked from it
-alone. Entries planned within a budget (``GOALS``: from scratch, at most the dedicated 12-head ViT's training GMACs;
-from that trained ViT, at most half of its GMACs beyond it) are run by name; ``--list`` gives every entry's expected
+alone, and a source entry's ``source_top1_k12``, the top-1 of the weights it started from (the base may be retrained
+later, replacing its own row), so that k = 12 is also compared with the run's own source, paired per seed. Entries
+planned within a budget (``GOALS``: from scratch, at most the dedicated 12-head ViT's training GMACs; from that
+trained ViT, at most half of its GMACs beyond it) are run by name; ``--list`` gives every entry's expected
 training GMACs (the trainer's own sampler settings, a teacher forward every step, the source) against both.
 """
 import argparse
@@ -50,6 +52,7 @@ MODEL = 'hydravit_dyn_patch4_32'
 HEADS = list(range(3, 13))
 UNIFORM = ['--weights'] + ['1'] * len(HEADS)
 BASE_EPOCHS = 40  # configs/digits.yaml
+SOURCE_TOP1 = 'source_top1_k12'  # a source entry's row: the top-1 of the very weights it started from
 
 
 @dataclass
@@ -194,10 +197,22 @@ def run_one(recipe: Recipe, seed: int, data: Path, runs: Path, threads: int) -> 
         row = collect_validation(recipe, seed, out, wall + more_wall, cpu + more_cpu)
     row['threads'] = threads
     row['resumed'] = int('--resume' in cmd)  # its times cover the last part only
+    if recipe.source:
+        row.update(source_accuracy(runs, seed, recipe.base))
     from hydravit.checkpoint import write_json  # here: the plan and the report need no torch
     write_json(out / 'result.json', row, indent=1)  # a NaN as null: valid JSON
     tidy_run(recipe, out, runs, seed)
     return row
+
+
+def source_accuracy(runs: Path, seed: int, base: str) -> dict:
+    """``{'source_top1_k12': ...}``: the top-1 of the weights a source entry starts from (the EMA of its ``base`` run
+    of this seed), kept in its own row, since a later retrain of the base replaces the base's row; ``{}`` when the
+    base's result is not on this machine (unknown rather than guessed)."""
+    path = run_dir(runs, base, seed) / 'result.json'
+    if not path.is_file():
+        return {}
+    return {SOURCE_TOP1: json.loads(path.read_text())['ema_top1_k12']}
 
 
 def run_logged(cmd: List[str], log_path: Path, threads: int, recipe: Recipe, seed: int) -> tuple:
@@ -544,7 +559,8 @@ def write_report(rows: List[dict], report: Path) -> None:
             'CPU, at times beside other work: the times grow with the load of the machine (the same recipe took 8 to '
             '19 CPU minutes), so the passes are the measure of compute.', '',
             markdown_table(summarize(rows, ''), 'model'), '', markdown_table(summarize(rows, 'ema_'), 'EMA'), '',
-            targets_table(rows), '', '![worst target margin against training GMACs](comparison_cost.png)', '']
+            targets_table(rows), '', source_table(rows), '',
+            '![worst target margin against training GMACs](comparison_cost.png)', '']
     (report / 'comparison.md').write_text('\n'.join(text))
     plot(rows, report / 'comparison.png')
     plot_cost(rows, report / 'comparison_cost.png')
@@ -686,6 +702,27 @@ def targets_table(rows: List[dict]) -> str:
             'seeds, at that k) of its limit: more seeds decide them.\n\n' + pipe_table(head, body))
 
 
+def source_table(rows: List[dict]) -> str:
+    """Source entries at k = 12 against the very weights each run started from (``SOURCE_TOP1``), paired per seed:
+    the seed-to-seed spread of the source drops out of the difference, which the targets table (against the
+    dedicated ViTs' mean) keeps. Runs recorded without their source's top-1 are left out."""
+    body = []
+    for name, recipe in RECIPES.items():
+        runs = [r for r in rows if r['recipe'] == name and SOURCE_TOP1 in r and 'top1_k12' in r]
+        if not recipe.source or not runs:
+            continue
+        diffs = [round(r['top1_k12'] - r[SOURCE_TOP1], 6) + 0.0 for r in runs]
+        spread = f' ± {statistics.stdev(diffs):.2f}' if len(diffs) > 1 else ''
+        body.append([name, recipe.base, len(runs), mean_std([r[SOURCE_TOP1] for r in runs]),
+                     mean_std([r['top1_k12'] for r in runs]), f'{statistics.mean(diffs):+.2f}{spread}',
+                     f'{min(diffs):+.2f}', f'{sum(d >= -0.5 for d in diffs)}/{len(diffs)}'])
+    return ('**Against its own source** (model top-1 at k = 12, %): each converted run against the EMA weights it '
+            'started from (its source run of the same seed, recorded in its row as `source_top1_k12`), paired per '
+            'seed; `seeds within 0.5` = runs at most 0.5 p.p. under their own source.\n\n'
+            + pipe_table(['recipe', 'source', 'seeds', 'source k=12', 'k=12', 'k=12 - source', 'worst seed',
+                          'seeds within 0.5'], body))
+
+
 def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') -> str:
     return _times(_mean_gmacs(rows, recipe) / _mean_gmacs(rows, reference))
 
@@ -705,7 +742,7 @@ def _times(ratio: float, digits: int = 2) -> str:
 
 def _column_order(key: str):
     fixed = ['recipe', 'seed', 'epochs', 'subnet_passes', 'passes_per_k', 'teacher_forwards', 'train_gmacs',
-             'source_gmacs', 'train_s', 'wall_s', 'cpu_s', 'threads', 'resumed', 'commit']
+             'source_gmacs', SOURCE_TOP1, 'train_s', 'wall_s', 'cpu_s', 'threads', 'resumed', 'commit']
     if key in fixed:
         return (0, fixed.index(key), '')
     prefix, _, k = key.rpartition('_k')

@@ -374,3 +374,24 @@ def test_targets_within_one_std_of_their_threshold_are_named_for_more_seeds():
     assert margins['sandwich']['close'] == ['k=3', 'k=6', 'k=9', 'k=12']
     assert margins['sandwich_e40']['close'] == []  # std 0: no mean is within it of a threshold it is 0.7 above
     assert compare.targets_table(rows).split('| sandwich |')[1].split('\n')[0].endswith('| k=3, k=6, k=9, k=12 |')
+
+
+def test_converted_runs_keep_their_own_source_accuracy_when_the_source_is_retrained(tmp_path):
+    runs, report = tmp_path / 'runs', tmp_path / 'report'
+    base = compare.run_dir(runs, 'dedicated_k12', 0)
+    base.mkdir(parents=True)
+    (base / 'result.json').write_text(json.dumps({**_row('dedicated_k12', 0, 86.0), 'ema_top1_k12': 98.5}))
+    assert compare.source_accuracy(runs, 0, 'dedicated_k12') == {'source_top1_k12': 98.5}  # the EMA: its weights
+    assert compare.source_accuracy(runs, 1, 'dedicated_k12') == {}  # not on this machine: unknown, not guessed
+    rows = [_row('dedicated_k12', 0, 80.0)]  # the source retrained since: 92 at k = 12, not the 98.5 started from
+    for seed, top1 in ((0, 86.0), (1, 85.0)):
+        rows.append({**_row('convert_ft10', seed, top1), 'source_top1_k12': 98.5 - seed})
+    rows.append(_row('convert_ft10', 2, 90.0))  # recorded before the source's accuracy was kept: left out
+    compare.write_report(rows, report)
+    # k = 12: 98 - 98.5 and 97 - 97.5, against each run's own source rather than the dedicated row's 92
+    assert ('| convert_ft10 | dedicated_k12 | 2 | 98.00 ± 0.71 | 97.50 ± 0.71 | -0.50 ± 0.00 | -0.50 | 2/2 |'
+            in (report / 'comparison.md').read_text())
+    header = (report / 'comparison.csv').read_text().splitlines()[0].split(',')
+    assert header[header.index('source_gmacs') + 1] == 'source_top1_k12'
+    reloaded = compare.load_results(tmp_path / 'elsewhere', report)
+    assert [r.get('source_top1_k12') for r in reloaded] == [None, 98.5, 97.5, None]
