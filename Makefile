@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-plus demo-convert test lint
+.PHONY: demo demo-plus demo-convert demo-convert-ikd test lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ demo-plus:
 # (configs/digits_convert.yaml, the comparison's convert_ft10). SOURCE: a trained 12-head digits ViT checkpoint
 # (SOURCE_FLAGS: its loader flags); without it the source is trained first (configs/digits.yaml at k = 12 only).
 CONVERT_OUT ?= output/demo_convert
+CONVERT_CONFIG ?= configs/digits_convert.yaml
 SOURCE ?=
 SOURCE_FLAGS ?= --use-ema
 demo-convert: $(VENV)/.installed
@@ -44,9 +45,14 @@ demo-convert: $(VENV)/.installed
 	fi && \
 	$(PY) -m hydravit.convert $(DEMO_DATA) --model hydravit_dyn_patch4_32 --checkpoint "$$source" $(SOURCE_FLAGS) \
 		--num-classes 10 -o $(CONVERT_OUT)/converted.pth --report --heads 3 6 9 12 && \
-	$(PY) -m hydravit.train $(DEMO_DATA) --config configs/digits_convert.yaml --device cpu \
+	$(PY) -m hydravit.train $(DEMO_DATA) --config $(CONVERT_CONFIG) --device cpu \
 		--initial-checkpoint $(CONVERT_OUT)/converted.pth --output $(CONVERT_OUT) --experiment finetune && \
 	echo "demo-convert wall time: $$(( $$(date +%s) - start )) s"
+
+# The same path with in-place distillation from the step's k = 12 (configs/digits_convert_ikd.yaml, the comparison's
+# convert_ft10_ikd): within 0.5x of the source's training GMACs beyond it.
+demo-convert-ikd:
+	$(MAKE) demo-convert CONVERT_CONFIG=configs/digits_convert_ikd.yaml CONVERT_OUT=output/demo_convert_ikd
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

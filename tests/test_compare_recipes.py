@@ -309,22 +309,26 @@ def test_a_source_entry_starts_from_its_own_base_run_and_the_baselines_stay_the_
 
 
 def test_budget_configs_are_exactly_their_compared_entries():
-    """The intended final entry of each budget as a config: from scratch (digits_warmup.yaml) and from a trained ViT
-    (digits_convert_teacher.yaml, whose teacher weights come on the command line)."""
+    """The budget entries as configs: from scratch (digits_warmup.yaml) and from a trained ViT
+    (digits_convert_teacher.yaml, whose teacher weights come on the command line; digits_convert_ikd.yaml)."""
     from hydravit.training.config import parse_args
     configs = {}
     for config, name in (('digits_warmup.yaml', 'warmup18_ikd_e28'),
-                         ('digits_convert_teacher.yaml', 'convert_ft8_teacher')):
+                         ('digits_convert_teacher.yaml', 'convert_ft8_teacher'),
+                         ('digits_convert_ikd.yaml', 'convert_ft10_ikd')):
         recipe = compare.RECIPES[name]
         teacher = compare.teacher_flags(Path('SOURCE')) if recipe.teacher else []
         compared, _ = parse_args(['data', '--config', str(ROOT / compare.CONFIG), *recipe.train_flags(), *teacher])
         given, _ = parse_args(['data', '--config', str(ROOT / 'configs' / config), *teacher[2:4]])
         assert {**vars(given), 'config': None} == {**vars(compared), 'config': None}, config
         configs[config] = given
-    warmup, teacher = configs['digits_warmup.yaml'], configs['digits_convert_teacher.yaml']
+    warmup, teacher, ikd = (configs[name] for name in ('digits_warmup.yaml', 'digits_convert_teacher.yaml',
+                                                          'digits_convert_ikd.yaml'))
     assert (warmup.full_warmup_epochs, warmup.epochs, warmup.inplace_kd, warmup.teacher) == (18, 28, True, '')
     assert (teacher.teacher, teacher.teacher_heads, teacher.teacher_kwargs, teacher.epochs, teacher.inplace_kd) == (
         compare.MODEL, 12, {'num_classes': 10}, 8, False)
+    assert (ikd.inplace_kd, ikd.teacher, ikd.epochs, ikd.subnets_per_step, ikd.subnet_policy) == (
+        True, '', 10, 4, 'sandwich')
 
 
 def test_unknown_source_compute_is_blank_not_nan():
