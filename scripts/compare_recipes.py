@@ -633,11 +633,9 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
         means = _means(rows, name)
         if recipe.dedicated is not None or len(means) < len(HEADS) or not all(len(p) == len(HEADS) for p in papers):
             continue
-        # rounded (+ 0.0 turns -0.0 into 0.0): top-1 values are counts over 450 images, so a tie must not turn
-        # into a miss by float noise
-        vs_paper = round(min(means[k] - max(p[k] for p in papers) for k in HEADS), 6) + 0.0
-        gaps = {k: round(means[k] - dedicated[k], 6) + 0.0 for k in sorted(dedicated)}
-        worst = round(min([vs_paper] + [g + 0.5 for g in gaps.values()]), 6) + 0.0
+        vs_paper = _margin(min(means[k] - max(p[k] for p in papers) for k in HEADS))
+        gaps = {k: _margin(means[k] - dedicated[k]) for k in sorted(dedicated)}
+        worst = _margin(min([vs_paper] + [g + 0.5 for g in gaps.values()]))
         # the issue asks for 5 seeds where a mean sits within one std (over this entry's seeds) of a threshold
         stds = _stds(rows, name)
         close = [f'paper k={k}' for k in HEADS if abs(means[k] - max(p[k] for p in papers)) <= stds.get(k, -1)
@@ -646,6 +644,12 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
         margins[name] = {'vs_paper': vs_paper, 'gaps': gaps, 'worst': worst, 'close': close,
                          'met': vs_paper >= 0 and all(g >= -0.5 for g in gaps.values()) and len(gaps) == 4}
     return margins
+
+
+def _margin(value: float) -> float:
+    """A difference of top-1 values (p.p.), rounded (+ 0.0 turns -0.0 into 0.0): they are counts over 450 images,
+    so a tie must not turn into a miss by float noise."""
+    return round(value, 6) + 0.0
 
 
 def _stds(rows: List[dict], recipe: str) -> Dict[int, float]:
@@ -711,7 +715,7 @@ def source_table(rows: List[dict]) -> str:
         runs = [r for r in rows if r['recipe'] == name and SOURCE_TOP1 in r and 'top1_k12' in r]
         if not recipe.source or not runs:
             continue
-        diffs = [round(r['top1_k12'] - r[SOURCE_TOP1], 6) + 0.0 for r in runs]
+        diffs = [_margin(r['top1_k12'] - r[SOURCE_TOP1]) for r in runs]
         spread = f' ± {statistics.stdev(diffs):.2f}' if len(diffs) > 1 else ''
         body.append([name, recipe.base, len(runs), mean_std([r[SOURCE_TOP1] for r in runs]),
                      mean_std([r['top1_k12'] for r in runs]), f'{statistics.mean(diffs):+.2f}{spread}',

@@ -322,8 +322,7 @@ def test_budget_configs_are_exactly_their_compared_entries():
         given, _ = parse_args(['data', '--config', str(ROOT / 'configs' / config), *teacher[2:4]])
         assert {**vars(given), 'config': None} == {**vars(compared), 'config': None}, config
         configs[config] = given
-    warmup, teacher, ikd = (configs[name] for name in ('digits_warmup.yaml', 'digits_convert_teacher.yaml',
-                                                          'digits_convert_ikd.yaml'))
+    warmup, teacher, ikd = configs.values()
     assert (warmup.full_warmup_epochs, warmup.epochs, warmup.inplace_kd, warmup.teacher) == (18, 28, True, '')
     assert (teacher.teacher, teacher.teacher_heads, teacher.teacher_kwargs, teacher.epochs, teacher.inplace_kd) == (
         compare.MODEL, 12, {'num_classes': 10}, 8, False)
