@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-plus demo-convert demo-convert-ikd test lint
+.PHONY: demo demo-plus demo-convert demo-convert-ikd demo-convert-teacher test lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,7 @@ CONVERT_OUT ?= output/demo_convert
 CONVERT_CONFIG ?= configs/digits_convert.yaml
 SOURCE ?=
 SOURCE_FLAGS ?= --use-ema
+FINETUNE_FLAGS ?=
 demo-convert: $(VENV)/.installed
 	@start=$$(date +%s); source="$(SOURCE)"; \
 	$(PY) scripts/prepare_digits.py $(DEMO_DATA) && \
@@ -46,13 +47,22 @@ demo-convert: $(VENV)/.installed
 	$(PY) -m hydravit.convert $(DEMO_DATA) --model hydravit_dyn_patch4_32 --checkpoint "$$source" $(SOURCE_FLAGS) \
 		--num-classes 10 -o $(CONVERT_OUT)/converted.pth --report --heads 3 6 9 12 && \
 	$(PY) -m hydravit.train $(DEMO_DATA) --config $(CONVERT_CONFIG) --device cpu \
-		--initial-checkpoint $(CONVERT_OUT)/converted.pth --output $(CONVERT_OUT) --experiment finetune && \
+		--initial-checkpoint $(CONVERT_OUT)/converted.pth --output $(CONVERT_OUT) --experiment finetune \
+		$(FINETUNE_FLAGS) && \
 	echo "demo-convert wall time: $$(( $$(date +%s) - start )) s"
 
 # The same path with in-place distillation from the step's k = 12 (configs/digits_convert_ikd.yaml, the comparison's
 # convert_ft10_ikd): within 0.5x of the source's training GMACs beyond it.
 demo-convert-ikd:
 	$(MAKE) demo-convert CONVERT_CONFIG=configs/digits_convert_ikd.yaml CONVERT_OUT=output/demo_convert_ikd
+
+# The same path distilled from the frozen source (configs/digits_convert_teacher.yaml, the comparison's
+# convert_ft8_teacher): 0.46x of the source's training GMACs beyond it. The teacher is the converted ViT at its 12
+# heads, which is the source: hydravit.convert writes nothing unless both agree at full width within its tolerance.
+TEACHER_OUT ?= output/demo_convert_teacher
+demo-convert-teacher:
+	$(MAKE) demo-convert CONVERT_CONFIG=configs/digits_convert_teacher.yaml CONVERT_OUT=$(TEACHER_OUT) \
+		FINETUNE_FLAGS='--teacher-checkpoint $(TEACHER_OUT)/converted.pth'
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
