@@ -594,13 +594,17 @@ def replace_block(path: Path, marker: str, text: str) -> None:
 
 
 def update_docs(rows: List[dict], report: Path) -> None:
-    """README (compact table + targets) and docs/training.md (the full report) from the same rows."""
+    """README (compact table + targets, the budget answers) and docs/training.md (the full report, the budget
+    tables) from the same rows."""
     replace_block(ROOT / 'README.md', 'comparison_summary',
                   'Model top-1 (%), mean ± std over seeds (EMA and every k: '
                   '[docs/comparison/comparison.md](docs/comparison/comparison.md)):\n\n'
                   + summary_table(rows) + '\n\n' + targets_table(rows))
     body = (report / 'comparison.md').read_text().split('\n', 2)[2]  # without its title
     replace_block(ROOT / 'docs' / 'training.md', 'comparison_report', body)
+    replace_block(ROOT / 'docs' / 'training.md', 'budget_report', budget_report(rows))
+    replace_block(ROOT / 'README.md', 'budget_answer', '\n\n'.join(budget_answer(rows, goal)
+                                                                  for goal in ('vit', 'scratch')))
 
 
 def _means(rows: List[dict], recipe: str, prefix: str = '') -> dict:
@@ -624,7 +628,8 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
     """The issue's targets per recipe with every k (model top-1 means, p.p.): ``vs_paper``, the worst margin over
     both paper recipes across k = 3..12 (met: >= 0); ``gaps``, the margin to the dedicated ViT at each dedicated k
     (met: >= -0.5); ``worst``, the least of ``vs_paper`` and each gap + 0.5 (>= 0: every target met); ``close``, the
-    targets whose mean margin is within one std of the entry's seeds from its threshold; ``met``."""
+    targets whose mean margin is within one std of the entry's seeds from its threshold; ``missed``, the targets
+    missed on the means (same names); ``met``."""
     papers = [_means(rows, name) for name in ('paper_uniform', 'paper_weighted')]
     dedicated = {RECIPES[n].dedicated: _means(rows, n)[RECIPES[n].dedicated] for n in RECIPES
                  if RECIPES[n].baseline and _means(rows, n)}
@@ -641,8 +646,10 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
         close = [f'paper k={k}' for k in HEADS if abs(means[k] - max(p[k] for p in papers)) <= stds.get(k, -1)
                  and not name.startswith('paper')]  # the paper recipes are this target's reference
         close += [f'k={k}' for k, g in gaps.items() if abs(g + 0.5) <= stds.get(k, -1)]
-        margins[name] = {'vs_paper': vs_paper, 'gaps': gaps, 'worst': worst, 'close': close,
-                         'met': vs_paper >= 0 and all(g >= -0.5 for g in gaps.values()) and len(gaps) == 4}
+        missed = [f'paper k={k}' for k in HEADS if _margin(means[k] - max(p[k] for p in papers)) < 0]
+        missed += [f'k={k}' for k, g in gaps.items() if g < -0.5]
+        margins[name] = {'vs_paper': vs_paper, 'gaps': gaps, 'worst': worst, 'close': close, 'missed': missed,
+                         'met': not missed and len(gaps) == 4}
     return margins
 
 
@@ -691,7 +698,7 @@ def targets_table(rows: List[dict]) -> str:
         body.append([name, _times(_compute_multiple(rows, name), 0), _gmacs_vs(rows, name),
                      _gmacs_vs(rows, name, 'dedicated_k12'), _beyond_source(rows, name), f'{m["vs_paper"]:+.2f}',
                      *(f'{m["gaps"][k]:+.2f}' for k in ded_ks), 'yes' if m['met'] else 'no',
-                     budget, 'yes' if m['met'] and fits else 'no', ', '.join(m['close'])])
+                     budget, 'yes' if m['met'] and fits else 'no', targets_text(m['close'])])
     head = ['recipe', 'compute', 'GMACs vs sandwich_e40', 'GMACs vs dedicated k=12', 'beyond source', 'vs paper',
             *(f'vs dedicated k={k}' for k in ded_ks), 'all met', 'budget', 'met within budget',
             'within 1 std']
@@ -712,19 +719,144 @@ def source_table(rows: List[dict]) -> str:
     dedicated ViTs' mean) keeps. Runs recorded without their source's top-1 are left out."""
     body = []
     for name, recipe in RECIPES.items():
-        runs = [r for r in rows if r['recipe'] == name and SOURCE_TOP1 in r and 'top1_k12' in r]
+        runs = _paired_runs(rows, name)
         if not recipe.source or not runs:
             continue
         diffs = [_margin(r['top1_k12'] - r[SOURCE_TOP1]) for r in runs]
-        spread = f' ± {statistics.stdev(diffs):.2f}' if len(diffs) > 1 else ''
         body.append([name, recipe.base, len(runs), mean_std([r[SOURCE_TOP1] for r in runs]),
-                     mean_std([r['top1_k12'] for r in runs]), f'{statistics.mean(diffs):+.2f}{spread}',
-                     f'{min(diffs):+.2f}', f'{sum(d >= -0.5 for d in diffs)}/{len(diffs)}'])
+                     mean_std([r['top1_k12'] for r in runs]), _signed_mean_std(diffs), f'{min(diffs):+.2f}',
+                     f'{sum(d >= -0.5 for d in diffs)}/{len(diffs)}'])
     return ('**Against its own source** (model top-1 at k = 12, %): each converted run against the EMA weights it '
             'started from (its source run of the same seed, recorded in its row as `source_top1_k12`), paired per '
             'seed; `seeds within 0.5` = runs at most 0.5 p.p. under their own source.\n\n'
             + pipe_table(['recipe', 'source', 'seeds', 'source k=12', 'k=12', 'k=12 - source', 'worst seed',
                           'seeds within 0.5'], body))
+
+
+def _paired_runs(rows: List[dict], recipe: str) -> List[dict]:
+    """The recipe's runs that recorded their own source's top-1 at k = 12 (``SOURCE_TOP1``)."""
+    return [r for r in rows if r['recipe'] == recipe and SOURCE_TOP1 in r and 'top1_k12' in r]
+
+
+def _signed_mean_std(values: Sequence[float]) -> str:
+    spread = f' ± {statistics.stdev(values):.2f}' if len(values) > 1 else ''
+    return f'{statistics.mean(values):+.2f}{spread}'
+
+
+MIN_SEEDS, BUDGET_SEEDS = 3, 5  # issue 23's rule: 3 seeds, 5 where a mean sits within one std of its limit
+
+
+def budget_entries(rows: List[dict], goal: str) -> List[str]:
+    """Every entry with all targets measured whose mean training GMACs fit ``GOALS[goal]`` (``entry_goal``,
+    ``budget_ratio``), whether or not it was planned for it, in ``RECIPES`` order."""
+    return [name for name in target_margins(rows) if entry_goal(RECIPES[name]) == goal
+            and budget_ratio(rows, name) <= GOALS[goal]]
+
+
+def decided(margins: dict, seeds: int) -> bool:
+    """Whether the seeds settle an entry's standing (``target_margins``): ``BUDGET_SEEDS`` of them, or at least
+    ``MIN_SEEDS`` with no target met within one std of its limit and, if it misses, a miss beyond one std."""
+    missed, close = margins['missed'], margins['close']
+    return seeds >= BUDGET_SEEDS or seeds >= MIN_SEEDS and (not set(missed) <= set(close) if missed else not close)
+
+
+def verdict(margins: dict, seeds: int) -> str:
+    """'met' or 'missed' on the means, with 'so far' where ``decided`` says more seeds are due."""
+    text = 'missed' if margins['missed'] else 'met'
+    due = MIN_SEEDS if seeds < MIN_SEEDS else BUDGET_SEEDS
+    return text if decided(margins, seeds) else f'{text} so far ({due} seeds decide)'
+
+
+def targets_text(names: Sequence[str]) -> str:
+    """``target_margins``' target names, runs of paper k's joined: 'paper k=4..12, k=3, k=6'."""
+    paper = [int(n.split('=')[1]) for n in names if n.startswith('paper')]
+    runs, out = [], []
+    for k in paper:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    out = [f'paper k={a}' if a == b else f'paper k={a}..{b}' for a, b in runs]
+    return ', '.join(out + [n for n in names if not n.startswith('paper')])
+
+
+def family_gmacs(rows: List[dict]) -> float:
+    """Training GMACs of the four dedicated ViTs k = 3/6/9/12 together (their means); NaN if one is missing."""
+    return sum(_mean_gmacs(rows, name) for name, r in RECIPES.items() if r.baseline)
+
+
+def budget_answer(rows: List[dict], goal: str) -> str:
+    """One sentence per budget: the cheapest entry that meets every target within it (its training GMACs against the
+    dedicated 12-head ViT and the four dedicated ViTs, its verdict), or the entry that comes closest."""
+    margins, names = target_margins(rows), budget_entries(rows, goal)
+    scope = ('from scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs' if goal == 'scratch' else
+             'from the trained 12-head ViT, <= 0.5x of its training GMACs beyond it')
+    if not names:
+        return f'**{scope}**: no entry with every target measured yet.'
+    seeds = {name: sum(r['recipe'] == name for r in rows) for name in names}
+    met = [name for name in names if margins[name]['met']]
+    if not met:
+        best = max(names, key=lambda name: margins[name]['worst'])
+        return (f'**{scope}: every entry misses** ({len(names)} entries). The closest, `{best}`, misses '
+                f'{targets_text(margins[best]["missed"])} on the means of {seeds[best]} seeds, its worst by '
+                f'{-margins[best]["worst"]:.2f} p.p. ({_decided_text(margins[best], seeds[best])}).')
+    best = min(met, key=lambda name: _mean_gmacs(rows, name))
+    total, k12 = _mean_gmacs(rows, best), _mean_gmacs(rows, 'dedicated_k12')
+    beyond = f', {_beyond_source(rows, best)} beyond its source' if RECIPES[best].source else ''
+    return (f'**{scope}: `{best}` meets every target** on the means of {seeds[best]} seeds '
+            f'({_decided_text(margins[best], seeds[best])}), the cheapest of {len(met)} entries that do: '
+            f'{total:,.0f} training GMACs{beyond}, {_times(total / k12)} the dedicated 12-head ViT\'s and '
+            f'{_times(total / family_gmacs(rows))} the four dedicated ViTs k = 3/6/9/12 together '
+            f'({family_gmacs(rows):,.0f}).')
+
+
+def _decided_text(margins: dict, seeds: int) -> str:
+    if decided(margins, seeds):
+        return 'decided' if seeds >= BUDGET_SEEDS or not margins['close'] else 'a miss beyond one std'
+    if seeds < MIN_SEEDS:
+        return f'{MIN_SEEDS} seeds decide'
+    return f'within one std at {targets_text(margins["close"])}: {BUDGET_SEEDS} seeds decide'
+
+
+
+def budget_table(rows: List[dict], goal: str) -> str:
+    """The entries within one budget (``budget_entries``): cost, margins (p.p., missed ones in bold), the targets
+    within one std of their limit, for converted entries k = 12 against their own source paired per seed, and the
+    ``verdict``."""
+    margins, names, source = target_margins(rows), budget_entries(rows, goal), goal == 'vit'
+    ded_ks = sorted(margins[names[0]]['gaps']) if names else []
+    body = []
+    for name in names:
+        m, seeds = margins[name], sum(r['recipe'] == name for r in rows)
+        cells = [f'`{name}`', seeds, _gmacs_text([_mean_gmacs(rows, name)]), _gmacs_vs(rows, name, 'dedicated_k12')]
+        cells += [_beyond_source(rows, name)] if source else []
+        cells += [_bold(m['vs_paper'], 0.0)] + [_bold(g, -0.5) for g in m['gaps'].values()]
+        cells.append(targets_text(m['close']) or 'none')
+        if source:
+            diffs = [_margin(r['top1_k12'] - r[SOURCE_TOP1]) for r in _paired_runs(rows, name)]
+            cells += [_signed_mean_std(diffs), f'{sum(d >= -0.5 for d in diffs)}/{len(diffs)}'] if diffs else ['', '']
+        body.append(cells + [verdict(m, seeds)])
+    head = ['entry', 'seeds', 'train GMACs', 'vs dedicated k=12'] + (['beyond source'] if source else [])
+    head += ['vs paper'] + [f'k={k}' for k in ded_ks]
+    head += ['within 1 std'] + (['k=12 - own source', 'seeds within 0.5'] if source else []) + ['verdict']
+    return pipe_table(head, body)
+
+
+def budget_report(rows: List[dict]) -> str:
+    """Both budgets of issue 23: the answer, then the table of every entry within it (docs/training.md)."""
+    notes = ('Margins in p.p. of model top-1 means: `vs paper` against the better paper recipe at its worst k (limit '
+             '0), `k=K` against the dedicated ViT (limit -0.5), a missed target in bold; `within 1 std` = targets '
+             'whose mean lies within one std of its seeds from the limit; `verdict`: decided when no target is '
+             f'within one std or the entry has {BUDGET_SEEDS} seeds. Every entry whose training GMACs fit the budget '
+             'is listed, planned for it or not.')
+    parts = [notes]
+    for goal in ('vit', 'scratch'):
+        parts += [budget_answer(rows, goal)] + ([budget_table(rows, goal)] if budget_entries(rows, goal) else [])
+    return '\n\n'.join(parts)
+
+
+def _bold(margin: float, limit: float) -> str:
+    return f'**{margin:+.2f}**' if margin < limit else f'{margin:+.2f}'
 
 
 def _gmacs_vs(rows: List[dict], recipe: str, reference: str = 'sandwich_e40') -> str:

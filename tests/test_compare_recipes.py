@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from test_train import ROOT
@@ -98,20 +99,26 @@ def test_targets_table_counts_a_tie_with_the_paper_as_met():
 def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
     (tmp_path / 'docs').mkdir()
     readme, training = tmp_path / 'README.md', tmp_path / 'docs' / 'training.md'
-    readme.write_text('intro\n<!-- comparison_summary:start -->\nold\n<!-- comparison_summary:end -->\nrest\n')
-    training.write_text('a\n<!-- comparison_report:start -->\nold\n<!-- comparison_report:end -->\nb\n')
+    readme.write_text('intro\n<!-- comparison_summary:start -->\nSTALE\n<!-- comparison_summary:end -->\nrest\n'
+                      '<!-- budget_answer:start -->\nSTALE\n<!-- budget_answer:end -->\nend\n')
+    training.write_text('a\n<!-- comparison_report:start -->\nSTALE\n<!-- comparison_report:end -->\nb\n'
+                        '<!-- budget_report:start -->\nSTALE\n<!-- budget_report:end -->\nc\n')
     monkeypatch.setattr(compare, 'ROOT', tmp_path)
     rows = [_row('paper_uniform', 0, 80.0), _row('paper_uniform', 1, 82.0), _row('dedicated_k3', 0, 90.0)]
     compare.write_report(rows, tmp_path / 'report')
     compare.update_docs(rows, tmp_path / 'report')
     text = readme.read_text()
     assert text.startswith('intro\n<!-- comparison_summary:start -->\nModel top-1') and text.endswith(
-        '<!-- comparison_summary:end -->\nrest\n')
+        '<!-- comparison_summary:end -->\nrest\n<!-- budget_answer:start -->\n**from the trained 12-head ViT, <= 0.5x '
+        'of its training GMACs beyond it**: no entry with every target measured yet.\n\n**from scratch, <= 1.0x the '
+        "dedicated 12-head ViT's training GMACs**: no entry with every target measured yet.\n"
+        '<!-- budget_answer:end -->\nend\n')
     assert '| paper_uniform | 2 | 40 | 3360 | 12,096 |  | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' \
         in text
     assert '| dedicated_k3 | 1 | 40 | 3360 | 4,838 |  | 93.00 |  |  |  |' in text  # one seed: no spread shown
-    assert 'old' not in text and 'old' not in training.read_text()
-    assert '**EMA**' in training.read_text() and training.read_text().endswith('<!-- comparison_report:end -->\nb\n')
+    assert 'STALE' not in text and 'STALE' not in training.read_text()
+    assert '**EMA**' in training.read_text() and '<!-- comparison_report:end -->\nb\n' in training.read_text()
+    assert training.read_text().endswith('with every target measured yet.\n<!-- budget_report:end -->\nc\n')
     readme.write_text('no markers\n')
     with pytest.raises(SystemExit, match='needs exactly one <!-- comparison_summary:start -->'):
         compare.update_docs(rows, tmp_path / 'report')
@@ -398,3 +405,52 @@ def test_converted_runs_keep_their_own_source_accuracy_when_the_source_is_retrai
     assert header[header.index('source_gmacs') + 1] == 'source_top1_k12'
     reloaded = compare.load_results(tmp_path / 'elsewhere', report)
     assert [r.get('source_top1_k12') for r in reloaded] == [None, 98.5, 97.5, None]
+
+
+def _seeds(recipe: str, top1s: Sequence[float], **extra) -> list:
+    return [{**_row(recipe, seed, top1), **extra} for seed, top1 in enumerate(top1s)]
+
+
+def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds_settle():
+    rows = _seeds('paper_uniform', (80.0,) * 3) + _seeds('paper_weighted', (81.0,) * 3)
+    rows += [_row(f'dedicated_k{k}', 0, 81.8) for k in (3, 6, 9)]
+    rows += _seeds('dedicated_k12', (81.8,) * 3, subnet_passes=3000, passes_per_k='12:3000')  # each a source
+    rows += _seeds('sandwich', (81.3, 81.7, 81.5))  # mean 81.5 + k, std 0.2: 0.2 above dedicated - 0.5
+    rows += [{**_row('sandwich_e40', s, 83.0), 'subnet_passes': 4 * 3360} for s in range(3)]  # met, but 2.8x
+    # from the trained ViT: 0.34x beyond it (fits), 0.3 under its own source at k = 12 on each seed
+    rows += _seeds('convert_ft5', (81.5,) * 3, passes_per_k='12:420 3:420 7:840', source_top1_k12=93.8)
+    rows += _seeds('convert_ft10', (82.0,) * 3, passes_per_k='12:840 3:840 7:1680')  # 0.68x: over
+    text = compare.budget_report(rows)
+    k12, family = 3000 * 0.12 * 48, sum(3360 * k / 100 * 48 for k in (3, 6, 9)) + 3000 * 0.12 * 48
+    beyond = (420 * 0.12 + 420 * 0.03 + 840 * 0.07) * 48 + 256 * 0.12
+    assert (f'**from the trained 12-head ViT, <= 0.5x of its training GMACs beyond it: `convert_ft5` meets every '
+            f'target** on the means of 3 seeds (decided), the cheapest of 1 entries that do: {k12 + beyond:,.0f} '
+            f'training GMACs, {beyond / k12:.2f}x beyond its source, {1 + beyond / k12:.2f}x the dedicated 12-head '
+            f"ViT's and {(k12 + beyond) / family:.2f}x the four dedicated ViTs k = 3/6/9/12 together ({family:,.0f})."
+            in text)
+    assert (f'| `convert_ft5` | 3 | {k12 + beyond:,.0f} | {1 + beyond / k12:.2f}x | {beyond / k12:.2f}x | +0.50 | '
+            '-0.30 | -0.30 | -0.30 | -0.30 | none | -0.30 ± 0.00 | 3/3 | met |') in text
+    assert '`convert_ft10`' not in text and '`sandwich_e40`' not in text  # over their budgets: not listed
+    assert ('`sandwich` meets every target** on the means of 3 seeds (within one std at k=3, k=6, k=9, k=12: 5 seeds '
+            'decide), the cheapest of 1 entries that do') in text
+    assert '| `sandwich` | 3 | 12,096 | 0.70x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | k=3, k=6, k=9, k=12 | met so ' \
+           'far (5 seeds decide) |' in text
+    # a miss is in bold; the paper recipes fit the scratch budget and are listed with it
+    assert '| `paper_uniform` | 3 | 12,096 | 0.70x | **-1.00** | **-1.80** | **-1.80** | **-1.80** | **-1.80** | ' \
+           'none | missed |' in text
+    # without sandwich nothing meets the scratch budget's targets: the closest entry and by how much it misses
+    rows = [r for r in rows if r['recipe'] != 'sandwich']
+    assert ('**from scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs: every entry misses** (2 entries). '
+            'The closest, `paper_weighted`, misses k=3, k=6, k=9, k=12 on the means of 3 seeds, its worst by 0.30 '
+            'p.p. (decided).') in compare.budget_report(rows)
+
+
+def test_seeds_settle_an_entry_only_when_no_mean_is_within_one_std_of_a_limit_or_there_are_five():
+    met_close = {'missed': [], 'close': ['k=3']}
+    assert [compare.verdict(met_close, n) for n in (3, 4, 5)] == ['met so far (5 seeds decide)'] * 2 + ['met']
+    missed_far = {'missed': ['k=3', 'k=6'], 'close': ['k=6']}  # k = 3 is missed beyond one std
+    assert [compare.verdict(missed_far, n) for n in (2, 3)] == ['missed so far (3 seeds decide)', 'missed']
+    missed_close = {'missed': ['paper k=4', 'k=3'], 'close': ['paper k=4', 'paper k=5', 'k=3']}
+    assert compare.verdict(missed_close, 4) == 'missed so far (5 seeds decide)'
+    assert compare.targets_text(['paper k=4', 'paper k=5', 'paper k=6', 'paper k=9', 'k=3']) == \
+        'paper k=4..6, paper k=9, k=3'
