@@ -141,6 +141,13 @@ RECIPES = {r.name: r for r in [
     Recipe('convert_ft10_lr3e4', 'converted (magnitude order), then sandwich of 4 at a third of the learning rate '
            '(3e-4) for 10 epochs', SANDWICH + ['--lr', '3e-4'], epochs=10, source=True, convert=CONVERT, goal='vit'),
 ]}
+# entries a user can run as they are: (config, make target or None); tests/test_compare_recipes.py ties each config to
+# its entry's flags and each target to its config
+DEMOS = {'sandwich_e40': ('configs/digits_plus.yaml', 'make demo-plus'),
+         'convert_ft10': ('configs/digits_convert.yaml', 'make demo-convert'),
+         'convert_ft10_ikd': ('configs/digits_convert_ikd.yaml', 'make demo-convert-ikd'),
+         'convert_ft8_teacher': ('configs/digits_convert_teacher.yaml', 'make demo-convert-teacher'),
+         'warmup18_ikd_e28': ('configs/digits_warmup.yaml', None)}
 # the comparison's original set; sandwich_e40 and the source and budget entries are run by name (--recipes)
 DEFAULT_RECIPES = [name for name, r in RECIPES.items() if not name.endswith('_e40') and not r.source
                    and r.goal is None and (r.dedicated is None or r.baseline)]
@@ -789,8 +796,8 @@ def budget_answer(rows: List[dict], goal: str) -> str:
     """One sentence per budget: the cheapest entry that meets every target within it (its training GMACs against the
     dedicated 12-head ViT and the four dedicated ViTs, its verdict), or the entry that comes closest."""
     margins, names = target_margins(rows), budget_entries(rows, goal)
-    scope = ('from scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs' if goal == 'scratch' else
-             'from the trained 12-head ViT, <= 0.5x of its training GMACs beyond it')
+    scope = ('From scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs' if goal == 'scratch' else
+             'From the trained 12-head ViT, <= 0.5x of its training GMACs beyond it')
     if not names:
         return f'**{scope}**: no entry with every target measured yet.'
     seeds = {name: sum(r['recipe'] == name for r in rows) for name in names}
@@ -803,11 +810,20 @@ def budget_answer(rows: List[dict], goal: str) -> str:
     best = min(met, key=lambda name: _mean_gmacs(rows, name))
     total, k12 = _mean_gmacs(rows, best), _mean_gmacs(rows, 'dedicated_k12')
     beyond = f', {_beyond_source(rows, best)} beyond its source' if RECIPES[best].source else ''
+    among = 'the only entry that does' if len(met) == 1 else f'the cheapest of {len(met)} entries that do'
     return (f'**{scope}: `{best}` meets every target** on the means of {seeds[best]} seeds '
-            f'({_decided_text(margins[best], seeds[best])}), the cheapest of {len(met)} entries that do: '
+            f'({_decided_text(margins[best], seeds[best])}), {among}: '
             f'{total:,.0f} training GMACs{beyond}, {_times(total / k12)} the dedicated 12-head ViT\'s and '
             f'{_times(total / family_gmacs(rows))} the four dedicated ViTs k = 3/6/9/12 together '
-            f'({family_gmacs(rows):,.0f}).')
+            f'({family_gmacs(rows):,.0f}); {_run_text(best)}.')
+
+
+def _run_text(name: str) -> str:
+    """How a user runs an entry: its config and make target (``DEMOS``), else the comparison's command."""
+    config, target = DEMOS.get(name, (None, None))
+    if config is None:
+        return f'`python scripts/compare_recipes.py --recipes {name}`'
+    return f'`{config}`' + (f', `{target}`' if target else '')
 
 
 def _decided_text(margins: dict, seeds: int) -> str:

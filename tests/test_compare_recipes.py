@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Sequence
 
@@ -103,14 +104,14 @@ def test_update_docs_replaces_only_the_marked_blocks(tmp_path, monkeypatch):
                       '<!-- budget_answer:start -->\nSTALE\n<!-- budget_answer:end -->\nend\n')
     training.write_text('a\n<!-- comparison_report:start -->\nSTALE\n<!-- comparison_report:end -->\nb\n'
                         '<!-- budget_report:start -->\nSTALE\n<!-- budget_report:end -->\nc\n')
-    monkeypatch.setattr(compare, 'ROOT', tmp_path)
     rows = [_row('paper_uniform', 0, 80.0), _row('paper_uniform', 1, 82.0), _row('dedicated_k3', 0, 90.0)]
-    compare.write_report(rows, tmp_path / 'report')
+    compare.write_report(rows, tmp_path / 'report')  # reads the trainer's configs under the real root
+    monkeypatch.setattr(compare, 'ROOT', tmp_path)
     compare.update_docs(rows, tmp_path / 'report')
     text = readme.read_text()
     assert text.startswith('intro\n<!-- comparison_summary:start -->\nModel top-1') and text.endswith(
-        '<!-- comparison_summary:end -->\nrest\n<!-- budget_answer:start -->\n**from the trained 12-head ViT, <= 0.5x '
-        'of its training GMACs beyond it**: no entry with every target measured yet.\n\n**from scratch, <= 1.0x the '
+        '<!-- comparison_summary:end -->\nrest\n<!-- budget_answer:start -->\n**From the trained 12-head ViT, <= 0.5x '
+        'of its training GMACs beyond it**: no entry with every target measured yet.\n\n**From scratch, <= 1.0x the '
         "dedicated 12-head ViT's training GMACs**: no entry with every target measured yet.\n"
         '<!-- budget_answer:end -->\nend\n')
     assert '| paper_uniform | 2 | 40 | 3360 | 12,096 |  | 84.00 ± 1.41 | 87.00 ± 1.41 | 90.00 ± 1.41 | 93.00 ± 1.41 |' \
@@ -315,26 +316,29 @@ def test_a_source_entry_starts_from_its_own_base_run_and_the_baselines_stay_the_
                                        'sandwich_ikd_teacher', 'dedicated_k3', 'dedicated_k6', 'dedicated_k9']
 
 
-def test_budget_configs_are_exactly_their_compared_entries():
-    """The budget entries as configs: from scratch (digits_warmup.yaml) and from a trained ViT
-    (digits_convert_teacher.yaml, whose teacher weights come on the command line; digits_convert_ikd.yaml)."""
+def test_each_runnable_entry_is_exactly_its_config_and_make_target():
+    """``DEMOS``: each config parses to its compared entry's flags (a teacher entry's weights come on the command
+    line) and each make target trains with that config, so that the answer README prints is what users run."""
     from hydravit.training.config import parse_args
     configs = {}
-    for config, name in (('digits_warmup.yaml', 'warmup18_ikd_e28'),
-                         ('digits_convert_teacher.yaml', 'convert_ft8_teacher'),
-                         ('digits_convert_ikd.yaml', 'convert_ft10_ikd')):
+    for name, (config, target) in compare.DEMOS.items():
         recipe = compare.RECIPES[name]
         teacher = compare.teacher_flags(Path('SOURCE')) if recipe.teacher else []
         compared, _ = parse_args(['data', '--config', str(ROOT / compare.CONFIG), *recipe.train_flags(), *teacher])
-        given, _ = parse_args(['data', '--config', str(ROOT / 'configs' / config), *teacher[2:4]])
+        given, _ = parse_args(['data', '--config', str(ROOT / config), *teacher[2:4]])
         assert {**vars(given), 'config': None} == {**vars(compared), 'config': None}, config
-        configs[config] = given
-    warmup, teacher, ikd = configs.values()
+        configs[name] = given
+        if target is not None:
+            dry = subprocess.run([*target.split(), '-n', 'SOURCE=src.pth'], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout
+            assert f'--config {config}' in dry, target
+    warmup, teacher, ikd = configs['warmup18_ikd_e28'], configs['convert_ft8_teacher'], configs['convert_ft10_ikd']
     assert (warmup.full_warmup_epochs, warmup.epochs, warmup.inplace_kd, warmup.teacher) == (18, 28, True, '')
     assert (teacher.teacher, teacher.teacher_heads, teacher.teacher_kwargs, teacher.epochs, teacher.inplace_kd) == (
         compare.MODEL, 12, {'num_classes': 10}, 8, False)
     assert (ikd.inplace_kd, ikd.teacher, ikd.epochs, ikd.subnets_per_step, ikd.subnet_policy) == (
         True, '', 10, 4, 'sandwich')
+    assert (configs['convert_ft10'].inplace_kd, configs['convert_ft10'].epochs) == (False, 10)
 
 
 def test_unknown_source_compute_is_blank_not_nan():
@@ -423,16 +427,17 @@ def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds
     text = compare.budget_report(rows)
     k12, family = 3000 * 0.12 * 48, sum(3360 * k / 100 * 48 for k in (3, 6, 9)) + 3000 * 0.12 * 48
     beyond = (420 * 0.12 + 420 * 0.03 + 840 * 0.07) * 48 + 256 * 0.12
-    assert (f'**from the trained 12-head ViT, <= 0.5x of its training GMACs beyond it: `convert_ft5` meets every '
-            f'target** on the means of 3 seeds (decided), the cheapest of 1 entries that do: {k12 + beyond:,.0f} '
+    assert (f'**From the trained 12-head ViT, <= 0.5x of its training GMACs beyond it: `convert_ft5` meets every '
+            f'target** on the means of 3 seeds (decided), the only entry that does: {k12 + beyond:,.0f} '
             f'training GMACs, {beyond / k12:.2f}x beyond its source, {1 + beyond / k12:.2f}x the dedicated 12-head '
-            f"ViT's and {(k12 + beyond) / family:.2f}x the four dedicated ViTs k = 3/6/9/12 together ({family:,.0f})."
+            f"ViT's and {(k12 + beyond) / family:.2f}x the four dedicated ViTs k = 3/6/9/12 together ({family:,.0f}); "
+            '`python scripts/compare_recipes.py --recipes convert_ft5`.'
             in text)
     assert (f'| `convert_ft5` | 3 | {k12 + beyond:,.0f} | {1 + beyond / k12:.2f}x | {beyond / k12:.2f}x | +0.50 | '
             '-0.30 | -0.30 | -0.30 | -0.30 | none | -0.30 ± 0.00 | 3/3 | met |') in text
     assert '`convert_ft10`' not in text and '`sandwich_e40`' not in text  # over their budgets: not listed
     assert ('`sandwich` meets every target** on the means of 3 seeds (within one std at k=3, k=6, k=9, k=12: 5 seeds '
-            'decide), the cheapest of 1 entries that do') in text
+            'decide), the only entry that does') in text
     assert '| `sandwich` | 3 | 12,096 | 0.70x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | k=3, k=6, k=9, k=12 | met so ' \
            'far (5 seeds decide) |' in text
     # a miss is in bold; the paper recipes fit the scratch budget and are listed with it
@@ -440,7 +445,7 @@ def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds
            'none | missed |' in text
     # without sandwich nothing meets the scratch budget's targets: the closest entry and by how much it misses
     rows = [r for r in rows if r['recipe'] != 'sandwich']
-    assert ('**from scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs: every entry misses** (2 entries). '
+    assert ('**From scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs: every entry misses** (2 entries). '
             'The closest, `paper_weighted`, misses k=3, k=6, k=9, k=12 on the means of 3 seeds, its worst by 0.30 '
             'p.p. (decided).') in compare.budget_report(rows)
 
