@@ -428,7 +428,8 @@ def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds
     k12, family = 3000 * 0.12 * 48, sum(3360 * k / 100 * 48 for k in (3, 6, 9)) + 3000 * 0.12 * 48
     beyond = (420 * 0.12 + 420 * 0.03 + 840 * 0.07) * 48 + 256 * 0.12
     assert (f'**From the trained 12-head ViT, <= 0.5x of its training GMACs beyond it: `convert_ft5` meets every '
-            f'target** on the means of 3 seeds (decided), the only entry that does: {k12 + beyond:,.0f} '
+            f'target** on the means of 3 seeds (no target within one std of its limit; the tightest, k=3, 0.20 p.p. '
+            f'inside its limit), the only entry that does: {k12 + beyond:,.0f} '
             f'training GMACs, {beyond / k12:.2f}x beyond its source, {1 + beyond / k12:.2f}x the dedicated 12-head '
             f"ViT's and {(k12 + beyond) / family:.2f}x the four dedicated ViTs k = 3/6/9/12 together ({family:,.0f}); "
             '`python scripts/compare_recipes.py --recipes convert_ft5`.'
@@ -437,7 +438,7 @@ def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds
             '-0.30 | -0.30 | -0.30 | -0.30 | none | -0.30 ± 0.00 | 3/3 | met |') in text
     assert '`convert_ft10`' not in text and '`sandwich_e40`' not in text  # over their budgets: not listed
     assert ('`sandwich` meets every target** on the means of 3 seeds (within one std at k=3, k=6, k=9, k=12: 5 seeds '
-            'decide), the only entry that does') in text
+            'decide; the tightest, k=3, 0.20 p.p. inside its limit), the only entry that does') in text
     assert '| `sandwich` | 3 | 12,096 | 0.70x | +0.50 | -0.30 | -0.30 | -0.30 | -0.30 | k=3, k=6, k=9, k=12 | met so ' \
            'far (5 seeds decide) |' in text
     # a miss is in bold; the paper recipes fit the scratch budget and are listed with it
@@ -446,8 +447,12 @@ def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds
     # without sandwich nothing meets the scratch budget's targets: the closest entry and by how much it misses
     rows = [r for r in rows if r['recipe'] != 'sandwich']
     assert ('**From scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs: every entry misses** (2 entries). '
-            'The closest, `paper_weighted`, misses k=3, k=6, k=9, k=12 on the means of 3 seeds, its worst by 0.30 '
-            'p.p. (decided).') in compare.budget_report(rows)
+            'The closest, `paper_weighted`, misses k=3, k=6, k=9, k=12 on the means of 3 seeds, the worst (k=3) by '
+            '0.30 p.p. (a miss beyond one std).') in compare.budget_report(rows)
+    # five seeds settle it even with a mean within one std of its limit, which the answer still says
+    rows += _seeds('sandwich', (81.3, 81.7, 81.5, 81.3, 81.7))
+    assert ('`sandwich` meets every target** on the means of 5 seeds (still within one std at k=3, k=6, k=9, k=12; '
+            'the tightest, k=3, 0.20 p.p. inside its limit)') in compare.budget_report(rows)
 
 
 def test_seeds_settle_an_entry_only_when_no_mean_is_within_one_std_of_a_limit_or_there_are_five():
