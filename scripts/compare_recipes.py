@@ -874,9 +874,10 @@ def budget_report(rows: List[dict]) -> str:
     """Both budgets of issue 23: the answer, then the table of every entry within it (docs/training.md)."""
     notes = ('Margins in p.p. of model top-1 means: `vs paper` against the better paper recipe at its worst k (limit '
              '0), `k=K` against the dedicated ViT (limit -0.5), a missed target in bold; `within 1 std` = targets '
-             'whose mean lies within one std of its seeds from the limit; `verdict`: decided when no target is '
-             f'within one std or the entry has {BUDGET_SEEDS} seeds. Every entry whose training GMACs fit the budget '
-             'is listed, planned for it or not.')
+             'whose mean lies within one std of its seeds from the limit; `verdict`: settled with '
+             f'{BUDGET_SEEDS} seeds, or with {MIN_SEEDS} when an entry that meets every target has none within one '
+             'std of its limit or one that misses has a miss beyond one std ("so far" otherwise). Every entry whose '
+             'training GMACs fit the budget is listed, planned for it or not.')
     parts = [notes]
     for goal in ('vit', 'scratch'):
         parts += [budget_answer(rows, goal)] + ([budget_table(rows, goal)] if budget_entries(rows, goal) else [])
