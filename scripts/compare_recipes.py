@@ -635,9 +635,8 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
     """The issue's targets per recipe with every k (model top-1 means, p.p.): ``vs_paper``, the worst margin over
     both paper recipes across k = 3..12 (met: >= 0); ``gaps``, the margin to the dedicated ViT at each dedicated k
     (met: >= -0.5); ``worst``, the least of ``vs_paper`` and each gap + 0.5 (>= 0: every target met), at the target
-    ``tightest``; ``close``, the
-    targets whose mean margin is within one std of the entry's seeds from its threshold; ``missed``, the targets
-    missed on the means (same names); ``met``."""
+    ``tightest``; ``close``, the targets whose mean margin is within one std of the entry's seeds from its threshold;
+    ``missed``, the targets missed on the means (same names); ``met``."""
     papers = [_means(rows, name) for name in ('paper_uniform', 'paper_weighted')]
     dedicated = {RECIPES[n].dedicated: _means(rows, n)[RECIPES[n].dedicated] for n in RECIPES
                  if RECIPES[n].baseline and _means(rows, n)}
@@ -646,23 +645,19 @@ def target_margins(rows: List[dict]) -> Dict[str, dict]:
         means = _means(rows, name)
         if recipe.dedicated is not None or len(means) < len(HEADS) or not all(len(p) == len(HEADS) for p in papers):
             continue
-        vs_paper = _margin(min(means[k] - max(p[k] for p in papers) for k in HEADS))
-        gaps = {k: _margin(means[k] - dedicated[k]) for k in sorted(dedicated)}
         to_paper = {k: _margin(means[k] - max(p[k] for p in papers)) for k in HEADS}
-        slack = {**{f'paper k={k}': v for k, v in to_paper.items()}, **{f'k={k}': _margin(g + 0.5) for k, g in
-                                                                         gaps.items()}}
+        gaps = {k: _margin(means[k] - dedicated[k]) for k in sorted(dedicated)}
+        # every target's distance to its limit (>= 0: met), keyed by the target's name
+        slack = {**{f'paper k={k}': v for k, v in to_paper.items()},
+                 **{f'k={k}': _margin(g + 0.5) for k, g in gaps.items()}}
         tightest = min(slack, key=slack.get)  # the target nearest its limit (or furthest under it)
-        worst = slack[tightest]
         # the issue asks for 5 seeds where a mean sits within one std (over this entry's seeds) of a threshold
         stds = _stds(rows, name)
-        close = [f'paper k={k}' for k in HEADS if abs(means[k] - max(p[k] for p in papers)) <= stds.get(k, -1)
-                 and not name.startswith('paper')]  # the paper recipes are this target's reference
-        close += [f'k={k}' for k, g in gaps.items() if abs(g + 0.5) <= stds.get(k, -1)]
-        missed = [f'paper k={k}' for k in HEADS if _margin(means[k] - max(p[k] for p in papers)) < 0]
-        missed += [f'k={k}' for k, g in gaps.items() if g < -0.5]
-        margins[name] = {'vs_paper': vs_paper, 'gaps': gaps, 'worst': worst, 'tightest': tightest, 'close': close,
-                         'missed': missed,
-                         'met': not missed and len(gaps) == 4}
+        close = [target for target, v in slack.items() if abs(v) <= stds.get(int(target.rpartition('=')[2]), -1)
+                 and not (target.startswith('paper') and name.startswith('paper'))]  # a paper recipe is its reference
+        missed = [target for target, v in slack.items() if v < 0]
+        margins[name] = {'vs_paper': min(to_paper.values()), 'gaps': gaps, 'worst': slack[tightest],
+                         'tightest': tightest, 'close': close, 'missed': missed, 'met': not missed and len(gaps) == 4}
     return margins
 
 
@@ -735,7 +730,7 @@ def source_table(rows: List[dict]) -> str:
         runs = _paired_runs(rows, name)
         if not recipe.source or not runs:
             continue
-        diffs = [_margin(r['top1_k12'] - r[SOURCE_TOP1]) for r in runs]
+        diffs = _paired_diffs(runs)
         body.append([name, recipe.base, len(runs), mean_std([r[SOURCE_TOP1] for r in runs]),
                      mean_std([r['top1_k12'] for r in runs]), _signed_mean_std(diffs), f'{min(diffs):+.2f}',
                      f'{sum(d >= -0.5 for d in diffs)}/{len(diffs)}'])
@@ -749,6 +744,15 @@ def source_table(rows: List[dict]) -> str:
 def _paired_runs(rows: List[dict], recipe: str) -> List[dict]:
     """The recipe's runs that recorded their own source's top-1 at k = 12 (``SOURCE_TOP1``)."""
     return [r for r in rows if r['recipe'] == recipe and SOURCE_TOP1 in r and 'top1_k12' in r]
+
+
+def _paired_diffs(runs: List[dict]) -> List[float]:
+    """k = 12 top-1 minus the run's own source's (p.p.), per run of ``_paired_runs``."""
+    return [_margin(r['top1_k12'] - r[SOURCE_TOP1]) for r in runs]
+
+
+def _seed_count(rows: List[dict], recipe: str) -> int:
+    return sum(r['recipe'] == recipe for r in rows)
 
 
 def _signed_mean_std(values: Sequence[float]) -> str:
@@ -766,24 +770,31 @@ def budget_entries(rows: List[dict], goal: str) -> List[str]:
             and budget_ratio(rows, name) <= GOALS[goal]]
 
 
-def decided(margins: dict, seeds: int) -> bool:
-    """Whether the seeds settle an entry's standing (``target_margins``): ``BUDGET_SEEDS`` of them, or at least
-    ``MIN_SEEDS`` with no target met within one std of its limit and, if it misses, a miss beyond one std."""
+def settled_by(margins: dict, seeds: int) -> Optional[str]:
+    """Why the seeds settle an entry's standing (``target_margins``), or None while more are due: at least
+    ``MIN_SEEDS`` with a miss beyond one std, or with no target within one std of its limit; else ``BUDGET_SEEDS``."""
     missed, close = margins['missed'], margins['close']
-    return seeds >= BUDGET_SEEDS or seeds >= MIN_SEEDS and (not set(missed) <= set(close) if missed else not close)
+    if seeds >= MIN_SEEDS and not set(missed) <= set(close):
+        return 'a miss beyond one std'
+    if seeds >= MIN_SEEDS and not close:
+        return 'no target within one std of its limit'
+    return f'still within one std at {targets_text(close)}' if seeds >= BUDGET_SEEDS else None
+
+
+def _seeds_due(seeds: int) -> int:
+    return MIN_SEEDS if seeds < MIN_SEEDS else BUDGET_SEEDS
 
 
 def verdict(margins: dict, seeds: int) -> str:
-    """'met' or 'missed' on the means, with 'so far' where ``decided`` says more seeds are due."""
+    """'met' or 'missed' on the means, with 'so far' while ``settled_by`` says more seeds are due."""
     text = 'missed' if margins['missed'] else 'met'
-    due = MIN_SEEDS if seeds < MIN_SEEDS else BUDGET_SEEDS
-    return text if decided(margins, seeds) else f'{text} so far ({due} seeds decide)'
+    return text if settled_by(margins, seeds) else f'{text} so far ({_seeds_due(seeds)} seeds decide)'
 
 
 def targets_text(names: Sequence[str]) -> str:
     """``target_margins``' target names, runs of paper k's joined: 'paper k=4..12, k=3, k=6'."""
     paper = [int(n.split('=')[1]) for n in names if n.startswith('paper')]
-    runs, out = [], []
+    runs = []
     for k in paper:
         if runs and k == runs[-1][1] + 1:
             runs[-1][1] = k
@@ -806,7 +817,7 @@ def budget_answer(rows: List[dict], goal: str) -> str:
              'From the trained 12-head ViT, <= 0.5x of its training GMACs beyond it')
     if not names:
         return f'**{scope}**: no entry with every target measured yet.'
-    seeds = {name: sum(r['recipe'] == name for r in rows) for name in names}
+    seeds = {name: _seed_count(rows, name) for name in names}
     met = [name for name in names if margins[name]['met']]
     if not met:
         best = max(names, key=lambda name: margins[name]['worst'])
@@ -815,15 +826,15 @@ def budget_answer(rows: List[dict], goal: str) -> str:
                 f'({margins[best]["tightest"]}) by {-margins[best]["worst"]:.2f} p.p. '
                 f'({_decided_text(margins[best], seeds[best])}).')
     best = min(met, key=lambda name: _mean_gmacs(rows, name))
-    total, k12 = _mean_gmacs(rows, best), _mean_gmacs(rows, 'dedicated_k12')
+    total, k12, family = _mean_gmacs(rows, best), _mean_gmacs(rows, 'dedicated_k12'), family_gmacs(rows)
     beyond = f', {_beyond_source(rows, best)} beyond its source' if RECIPES[best].source else ''
     among = 'the only entry that does' if len(met) == 1 else f'the cheapest of {len(met)} entries that do'
     return (f'**{scope}: `{best}` meets every target** on the means of {seeds[best]} seeds '
             f'({_decided_text(margins[best], seeds[best])}; the tightest, {margins[best]["tightest"]}, '
             f'{margins[best]["worst"]:.2f} p.p. inside its limit), {among}: '
             f'{total:,.0f} training GMACs{beyond}, {_times(total / k12)} the dedicated 12-head ViT\'s and '
-            f'{_times(total / family_gmacs(rows))} the four dedicated ViTs k = 3/6/9/12 together '
-            f'({family_gmacs(rows):,.0f}); {_run_text(best)}.')
+            f'{_times(total / family)} the four dedicated ViTs k = 3/6/9/12 together ({family:,.0f}); '
+            f'{_run_text(best)}.')
 
 
 def _run_text(name: str) -> str:
@@ -835,33 +846,30 @@ def _run_text(name: str) -> str:
 
 
 def _decided_text(margins: dict, seeds: int) -> str:
-    if decided(margins, seeds):
-        if margins['missed'] and not set(margins['missed']) <= set(margins['close']):
-            return 'a miss beyond one std'
-        if not margins['close']:
-            return 'no target within one std of its limit'
-        return f'still within one std at {targets_text(margins["close"])}'
-    if seeds < MIN_SEEDS:
-        return f'{MIN_SEEDS} seeds decide'
+    """``settled_by``'s reason, or what is still open and how many seeds decide it."""
+    reason = settled_by(margins, seeds)
+    if reason or seeds < MIN_SEEDS:
+        return reason or f'{MIN_SEEDS} seeds decide'
     return f'within one std at {targets_text(margins["close"])}: {BUDGET_SEEDS} seeds decide'
 
 
-
 def budget_table(rows: List[dict], goal: str) -> str:
-    """The entries within one budget (``budget_entries``): cost, margins (p.p., missed ones in bold), the targets
-    within one std of their limit, for converted entries k = 12 against their own source paired per seed, and the
-    ``verdict``."""
+    """The entries within one budget (``budget_entries``; '' if none): cost, margins (p.p., missed ones in bold),
+    the targets within one std of their limit, for converted entries k = 12 against their own source paired per seed,
+    and the ``verdict``."""
     margins, names, source = target_margins(rows), budget_entries(rows, goal), goal == 'vit'
-    ded_ks = sorted(margins[names[0]]['gaps']) if names else []
+    if not names:
+        return ''
+    ded_ks = sorted(margins[names[0]]['gaps'])
     body = []
     for name in names:
-        m, seeds = margins[name], sum(r['recipe'] == name for r in rows)
+        m, seeds = margins[name], _seed_count(rows, name)
         cells = [f'`{name}`', seeds, _gmacs_text([_mean_gmacs(rows, name)]), _gmacs_vs(rows, name, 'dedicated_k12')]
         cells += [_beyond_source(rows, name)] if source else []
         cells += [_bold(m['vs_paper'], 0.0)] + [_bold(g, -0.5) for g in m['gaps'].values()]
         cells.append(targets_text(m['close']) or 'none')
         if source:
-            diffs = [_margin(r['top1_k12'] - r[SOURCE_TOP1]) for r in _paired_runs(rows, name)]
+            diffs = _paired_diffs(_paired_runs(rows, name))
             cells += [_signed_mean_std(diffs), f'{sum(d >= -0.5 for d in diffs)}/{len(diffs)}'] if diffs else ['', '']
         body.append(cells + [verdict(m, seeds)])
     head = ['entry', 'seeds', 'train GMACs', 'vs dedicated k=12'] + (['beyond source'] if source else [])
@@ -878,10 +886,9 @@ def budget_report(rows: List[dict]) -> str:
              f'{BUDGET_SEEDS} seeds, or with {MIN_SEEDS} when an entry that meets every target has none within one '
              'std of its limit or one that misses has a miss beyond one std ("so far" otherwise). Every entry whose '
              'training GMACs fit the budget is listed, planned for it or not.')
-    parts = [notes]
-    for goal in ('vit', 'scratch'):
-        parts += [budget_answer(rows, goal)] + ([budget_table(rows, goal)] if budget_entries(rows, goal) else [])
-    return '\n\n'.join(parts)
+    parts = [notes] + [part for goal in ('vit', 'scratch') for part in (budget_answer(rows, goal),
+                                                                          budget_table(rows, goal))]
+    return '\n\n'.join(part for part in parts if part)
 
 
 def _bold(margin: float, limit: float) -> str:
