@@ -129,6 +129,15 @@ RECIPES = {r.name: r for r in [
     Recipe('warmup18_ikd_e28', 'k = 12 alone for 18 epochs, then sandwich of 4 + in-place KD for 10, in one run '
            '(progressive shrinking without the reorder)', SANDWICH_IKD + ['--full-warmup-epochs', '18'], epochs=28,
            goal='scratch'),
+    Recipe('sandwich_e20_lr2e3', 'sandwich, 4 per step, 20 epochs at twice the learning rate (2e-3): every step is '
+           'clipped and AdamW moves each weight by about the learning rate per step, so half the steps take twice the '
+           'step', SANDWICH + ['--lr', '2e-3'], epochs=20, goal='scratch'),
+    # chosen after looking (sandwich_e20 and the lr 2e-3 entry above; in-place KD lowered k = 12 at 40 epochs and
+    # every k at 10): the sandwich of 3 without KD, and the sandwich of 4 at half the learning rate
+    Recipe('sandwich3_e25', 'sandwich of 3 (k = 12, 3 and one drawn of 4..11), 25 epochs',
+           ['--subnets-per-step', '3', '--subnet-policy', 'sandwich', *UNIFORM], epochs=25, goal='scratch'),
+    Recipe('sandwich_e20_lr5e4', 'sandwich, 4 per step, 20 epochs at half the learning rate (5e-4)',
+           SANDWICH + ['--lr', '5e-4'], epochs=20, goal='scratch'),
     Recipe('dedicated_k12_e18', 'separately trained ViT, 12 heads, 18 epochs (the source of shrink18_ikd_ft10)',
            dedicated=12, epochs=18),
     Recipe('shrink18_ikd_ft10', 'dedicated_k12_e18 converted (magnitude order), then sandwich of 4 + in-place KD '
