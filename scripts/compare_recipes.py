@@ -129,11 +129,11 @@ RECIPES = {r.name: r for r in [
     Recipe('warmup18_ikd_e28', 'k = 12 alone for 18 epochs, then sandwich of 4 + in-place KD for 10, in one run '
            '(progressive shrinking without the reorder)', SANDWICH_IKD + ['--full-warmup-epochs', '18'], epochs=28,
            goal='scratch'),
+    # chosen after looking at the entries above (docs/training.md): sandwich_e20 at twice the learning rate, then, as
+    # that was worse, at half of it; the sandwich of 3 without in-place KD, which lowered k = 12 at 40 epochs
     Recipe('sandwich_e20_lr2e3', 'sandwich, 4 per step, 20 epochs at twice the learning rate (2e-3): every step is '
            'clipped and AdamW moves each weight by about the learning rate per step, so half the steps take twice the '
            'step', SANDWICH + ['--lr', '2e-3'], epochs=20, goal='scratch'),
-    # chosen after looking (sandwich_e20 and the lr 2e-3 entry above; in-place KD lowered k = 12 at 40 epochs and
-    # every k at 10): the sandwich of 3 without KD, and the sandwich of 4 at half the learning rate
     Recipe('sandwich3_e25', 'sandwich of 3 (k = 12, 3 and one drawn of 4..11), 25 epochs',
            ['--subnets-per-step', '3', '--subnet-policy', 'sandwich', *UNIFORM], epochs=25, goal='scratch'),
     Recipe('sandwich_e20_lr5e4', 'sandwich, 4 per step, 20 epochs at half the learning rate (5e-4)',
@@ -143,6 +143,13 @@ RECIPES = {r.name: r for r in [
     Recipe('shrink18_ikd_ft10', 'dedicated_k12_e18 converted (magnitude order), then sandwich of 4 + in-place KD '
            'for 10 epochs (progressive shrinking as Once-for-All)', SANDWICH_IKD, epochs=10, source=True,
            convert=CONVERT, base='dedicated_k12_e18', goal='scratch'),
+    # chosen after looking: shrink18_ikd_ft10 came closest; a shorter full-width phase leaves the sandwich more of the
+    # budget, and without in-place KD (see above)
+    Recipe('dedicated_k12_e12', 'separately trained ViT, 12 heads, 12 epochs (the source of shrink12_ft13)',
+           dedicated=12, epochs=12),
+    Recipe('shrink12_ft13', 'dedicated_k12_e12 converted (magnitude order), then sandwich of 4 for 13 epochs '
+           '(progressive shrinking, no KD)', SANDWICH, epochs=13, source=True, convert=CONVERT,
+           base='dedicated_k12_e12', goal='scratch'),
     Recipe('convert_ft8_teacher', 'converted (magnitude order), then sandwich of 4 for 8 epochs, every k distilled '
            'from the frozen source', SANDWICH, epochs=8, teacher=True, source=True, convert=CONVERT, goal='vit'),
     Recipe('convert_ft10_ikd', "converted (magnitude order), then sandwich of 4 + in-place KD from the step's k = 12 "
