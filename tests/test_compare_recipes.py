@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +48,13 @@ def test_report_gives_mean_and_std_over_seeds_and_resumes_from_its_csv(tmp_path)
     assert [(r['recipe'], r['seed']) for r in reloaded] == [('paper_uniform', 0), ('paper_uniform', 1),
                                                             ('dedicated_k3', 0)]
     assert reloaded[0]['top1_k12'] == pytest.approx(92.0)
+    # a report written by a newer script (an entry this one lacks): refused, not rewritten without that entry's runs
+    header = (report / 'comparison.csv').read_text().splitlines()[0]
+    with (report / 'comparison.csv').open('a') as f:
+        f.write('unknown_entry,0' + ',' * (header.count(',') - 1) + '\n')
+    with pytest.raises(ValueError, match=f"^{re.escape(str(report / 'comparison.csv'))} has runs of entries this "
+                       r"script does not define: unknown_entry \(written by a newer version of it\?\)$"):
+        compare.load_results(tmp_path / 'elsewhere', report)
 
 
 def test_a_teacher_recipe_retrains_its_missing_teacher_first(tmp_path):
