@@ -510,7 +510,7 @@ def load_results(runs: Path, report: Path) -> List[dict]:
             rows[(row['recipe'], row['seed'])] = row
     unknown = sorted({name for name, _ in rows} - set(RECIPES))
     if unknown:  # a newer script's entries: rewriting the report without them would drop their runs
-        raise ValueError(f"{report / 'comparison.csv'} has runs of entries this script does not define: "
+        raise SystemExit(f"{report / 'comparison.csv'} has runs of entries this script does not define: "
                          f"{', '.join(unknown)} (written by a newer version of it?)")
     for (name, seed), row in rows.items():  # rows recorded before train_s existed, where the log is here
         log = run_dir(runs, name, seed) / 'train.log'

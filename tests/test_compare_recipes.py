@@ -52,7 +52,7 @@ def test_report_gives_mean_and_std_over_seeds_and_resumes_from_its_csv(tmp_path)
     header = (report / 'comparison.csv').read_text().splitlines()[0]
     with (report / 'comparison.csv').open('a') as f:
         f.write('unknown_entry,0' + ',' * (header.count(',') - 1) + '\n')
-    with pytest.raises(ValueError, match=f"^{re.escape(str(report / 'comparison.csv'))} has runs of entries this "
+    with pytest.raises(SystemExit, match=f"^{re.escape(str(report / 'comparison.csv'))} has runs of entries this "
                        r"script does not define: unknown_entry \(written by a newer version of it\?\)$"):
         compare.load_results(tmp_path / 'elsewhere', report)
 
