@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import VisionTransformer
+from timm.utils import ParseKwargs
 
 from .checkpoint import (
     NonFiniteWeightsError,
@@ -50,11 +51,12 @@ from .checkpoint import (
     write_json,
 )
 from .classes import check_class_folders, dataset_class_to_idx, match_classes, recorded_class_names
+from .export import leading_slice
 from .model import HydraViT
 
 __all__ = [
-    'SCORES', 'Importance', 'check_convertible', 'convert_state_dict', 'importance', 'magnitude_importance',
-    'orders_from', 'permute_state_dict', 'target_model_name', 'taylor_importance',
+    'SCORES', 'Importance', 'check_convertible', 'convert_state_dict', 'grow_state_dict', 'importance',
+    'magnitude_importance', 'orders_from', 'permute_state_dict', 'target_model_name', 'taylor_importance',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -122,12 +124,15 @@ def source_vit_args(vit: VisionTransformer) -> Dict:
     )
 
 
-def target_model_name(vit: VisionTransformer) -> str:
-    """The registered ``hydravit_*`` model with ``vit``'s patch size, width, depth, heads and MLP ratio.
+def target_model_name(vit: VisionTransformer, num_heads: Optional[int] = None) -> str:
+    """The registered ``hydravit_*`` model with ``vit``'s patch size, width, depth, heads and MLP ratio; with
+    ``num_heads``, that many heads of ``vit``'s head width (the model ``grow_state_dict`` fills).
 
     Raises ``ValueError`` naming what differs from the closest registered one (same head count) when none fits.
     """
     src = source_vit_args(vit)
+    if num_heads is not None:
+        src.update(embed_dim=src['embed_dim'] // src['num_heads'] * num_heads, num_heads=num_heads)
     keys = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
     candidates = []
     for name in timm.list_models('hydravit_*'):
@@ -306,6 +311,26 @@ def convert_state_dict(vit: VisionTransformer, score: str, batches: Sequence[tor
     return permute_state_dict(state_dict, orders, vit.blocks[0].attn.num_heads), orders
 
 
+def grow_state_dict(state_dict: Dict[str, torch.Tensor], model: HydraViT) -> Dict[str, torch.Tensor]:
+    """``model``'s state dict with the ViT ``state_dict`` (timm layout, fewer heads of ``model``'s head width, same
+    depth, MLP ratio and tokens) written into the leading part of every tensor: ``model`` run with the ViT's head
+    count computes what the ViT does; the other heads, channels and MLP units keep ``model``'s initialization.
+
+    Progressive growing, the reverse of shrinking a ViT: a DeiT-Small (6 heads of 64) fills the first 6 heads of a
+    12-head HydraViT-Base, to be trained with the sandwich. Raises ``ValueError`` when the keys differ or a tensor
+    does not fit inside the model's.
+    """
+    full = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    differ = sorted(full.keys() ^ state_dict.keys())
+    if differ:
+        raise ValueError(f'the ViT and the HydraViT to grow it into have different keys: {", ".join(differ[:4])}'
+                         f'{", ..." if len(differ) > 4 else ""}')
+    for name, small in state_dict.items():
+        part = leading_slice(name, full[name], small.shape)
+        part.copy_(small.reshape(part.shape))
+    return full
+
+
 # --- command line ------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -318,6 +343,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--use-ema', action='store_true', help='the EMA weights of a timm training checkpoint')
     parser.add_argument('-o', '--output', required=True, help='converted checkpoint to write (timm layout)')
     parser.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the checkpoint\'s)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='create_model kwargs of --model for the checkpoint (e.g. embed_dim=96 num_heads=6)')
+    parser.add_argument('--grow-heads', type=int, default=None, metavar='N',
+                        help='a HydraViT of N heads of the source\'s head width: the converted source fills its first '
+                             'heads, channels and MLP units, the rest are newly initialized (--seed); train it next')
     parser.add_argument('--score', choices=SCORES, default='magnitude',
                         help='importance score (default: magnitude: needs no data, and within one std of taylor '
                              'zero-shot on the digits, docs/training.md)')
@@ -325,7 +355,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='residual channels: sorted by the score (default) or kept in their original order')
     parser.add_argument('--calib-images', type=int, default=256, help='calibration images (default: 256)')
     parser.add_argument('-b', '--batch-size', type=int, default=32)
-    parser.add_argument('--seed', type=int, default=0, help='which calibration images are drawn')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='which calibration images are drawn (and, with --grow-heads, the new weights)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--report', action='store_true',
                         help='top-1 per k on the validation split: converted vs the source sliced in its own order')
@@ -359,7 +390,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load_source(args: argparse.Namespace) -> VisionTransformer:
     """The source ViT with its weights (strict), on the CPU, in eval mode; a HydraViT comes back as a timm ViT."""
     if args.checkpoint.startswith('local-dir:'):
-        kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
+        kwargs = dict(args.model_kwargs, **({} if args.num_classes is None else {'num_classes': args.num_classes}))
         model = timm.create_model(args.checkpoint, pretrained=True, **kwargs).eval()
         check_model_finite(model, f'--checkpoint: {args.checkpoint}')  # timm read it: the one check, by hand
         return model
@@ -369,7 +400,7 @@ def load_source(args: argparse.Namespace) -> VisionTransformer:
     except NonFiniteWeightsError as e:
         raise NonFiniteWeightsError(f'--checkpoint: {e}') from e
     num_classes = args.num_classes or (state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0)
-    model = timm.create_model(args.model, num_classes=num_classes)
+    model = timm.create_model(args.model, **dict(args.model_kwargs, num_classes=num_classes))
     check_state_dict_matches(model, state_dict, source=f'--checkpoint {args.checkpoint} (--model {args.model})')
     model.load_state_dict(state_dict, strict=True)
     if isinstance(model, HydraViT):  # its own layout already; a plain ViT makes the permutation code simpler
@@ -437,7 +468,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         vit = load_source(args)
         check_convertible(vit)
-        target = target_model_name(vit)
+        source_heads = vit.blocks[0].attn.num_heads
+        if args.grow_heads is not None and args.grow_heads <= source_heads:
+            raise ValueError(f'--grow-heads: {args.grow_heads} must exceed the source\'s {source_heads} heads')
+        target = target_model_name(vit, args.grow_heads)
         class_names = source_class_names(args)
         if args.report:  # its labels must mean the source's classes: checked before any work
             labelled_dataset(args, report_split(args), class_names)
@@ -449,18 +483,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _logger.info(f'{args.model}: {len(batches)} calibration batches ({args.calib_images} images max), '
                  f'score {args.score} [{time.perf_counter() - started:.0f}s]')
     state_dict, _ = convert_state_dict(vit, args.score, [x for x, _ in batches], channels=args.channels == 'score')
+    torch.manual_seed(args.seed)  # the grown part's initialization
     model = timm.create_model(target, **target_kwargs(vit)).to(args.device).eval()
+    if args.grow_heads is not None:
+        state_dict = grow_state_dict(state_dict, model)
+        _logger.info(f'grown: the first {source_heads} of {args.grow_heads} heads hold the converted source')
     model.load_state_dict(state_dict, strict=True)
-    diff = full_width_difference(vit, model, [x for x, _ in batches])
-    _logger.info(f'full-width max |logit difference| against the source: {diff:.2e} '
+    diff = full_width_difference(vit, model, [x for x, _ in batches], source_heads)
+    _logger.info(f'max |logit difference| against the source at its {source_heads} heads: {diff:.2e} '
                  f'(tolerance {FULL_WIDTH_TOLERANCE:g})')
     if not diff <= FULL_WIDTH_TOLERANCE:
-        print(f'error: the converted model differs from the source at full width (max |diff| {diff:.2e}); '
-              f'nothing written', file=sys.stderr)
+        print(f'error: the converted model differs from the source at its {source_heads} heads (max |diff| '
+              f'{diff:.2e}); nothing written', file=sys.stderr)
         return 1
     meta = {'source_model': args.model, 'source_checkpoint': args.checkpoint, 'score': args.score,
             'channels': args.channels,
-            'calib_images': args.calib_images, 'seed': args.seed, 'model_kwargs': target_kwargs(vit)}
+            'calib_images': args.calib_images, 'seed': args.seed, 'model_kwargs': target_kwargs(vit),
+            'grow_heads': args.grow_heads}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     converted = {'arch': target, 'state_dict': state_dict, 'hydravit_convert': meta}
     if class_names:  # the source's classes, so that every tool labels data by them
@@ -483,9 +522,14 @@ def target_kwargs(vit: VisionTransformer) -> Dict:
 
 
 @torch.no_grad()
-def full_width_difference(vit: nn.Module, model: HydraViT, batches: Sequence[torch.Tensor]) -> float:
-    model.set_heads(model.num_heads)
-    return max(float((vit(x) - model(x)).abs().max()) for x in batches)
+def full_width_difference(vit: nn.Module, model: HydraViT, batches: Sequence[torch.Tensor],
+                          heads: Optional[int] = None) -> float:
+    """Max |logit difference| of ``model`` run with ``heads`` (default: all) against ``vit``."""
+    model.set_heads(model.num_heads if heads is None else heads)
+    try:
+        return max(float((vit(x) - model(x)).abs().max()) for x in batches)
+    finally:
+        model.set_heads(model.num_heads)
 
 
 def report_split(args: argparse.Namespace) -> str:
@@ -501,17 +545,19 @@ def report_zero_shot(args: argparse.Namespace, vit: VisionTransformer, converted
     from .evaluation.accuracy import evaluate_heads
     split = report_split(args)
     batches = calibration_batches(args, vit, split, None, class_names)
-    original = timm.create_model(target, **target_kwargs(vit)).to(args.device).eval()
+    width = {'embed_dim': vit.embed_dim, 'num_heads': vit.blocks[0].attn.num_heads}  # the source's, when grown
+    original = timm.create_model(target, **target_kwargs(vit), **width).to(args.device).eval()
     original.load_state_dict(vit.state_dict(), strict=True)
     heads = args.heads or list(range(1, converted.num_heads + 1))
     rows = {}
     for name, model in (('original order', original), ('converted', converted)):
-        rows[name] = {r['heads']: r['top1'] for r in evaluate_heads(model, batches, heads, torch.device(args.device))}
+        ks = [k for k in heads if k <= model.num_heads]  # a grown model has heads the source has not
+        rows[name] = {r['heads']: r['top1'] for r in evaluate_heads(model, batches, ks, torch.device(args.device))}
     print(f'zero-shot top-1 (%) on {split} ({sum(len(y) for _, y in batches)} images), score {args.score}, '
           f'channels {args.channels}')
     print('k'.rjust(16) + ''.join(f'{k:>8}' for k in heads))
     for name, row in rows.items():
-        print(name.rjust(16) + ''.join(f'{row[k]:8.2f}' for k in heads))
+        print(name.rjust(16) + ''.join(f'{row[k]:8.2f}' if k in row else ' ' * 8 for k in heads))
     return rows
 
 
