@@ -170,7 +170,8 @@ DEMOS = {'sandwich_e40': ('configs/digits_plus.yaml', 'make demo-plus'),
          'convert_ft10': ('configs/digits_convert.yaml', 'make demo-convert'),
          'convert_ft10_ikd': ('configs/digits_convert_ikd.yaml', 'make demo-convert-ikd'),
          'convert_ft8_teacher': ('configs/digits_convert_teacher.yaml', 'make demo-convert-teacher'),
-         'warmup18_ikd_e28': ('configs/digits_warmup.yaml', None)}
+         'warmup18_ikd_e28': ('configs/digits_warmup.yaml', None),
+         'grow6_ft14': ('configs/digits_grow.yaml', 'make demo-grow')}
 # the comparison's original set; sandwich_e40 and the source and budget entries are run by name (--recipes)
 DEFAULT_RECIPES = [name for name, r in RECIPES.items() if not name.endswith('_e40') and not r.source
                    and r.goal is None and (r.dedicated is None or r.baseline)]

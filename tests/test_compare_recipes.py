@@ -342,6 +342,10 @@ def test_each_runnable_entry_is_exactly_its_config_and_make_target():
             dry = subprocess.run([*target.split(), '-n', 'SOURCE=src.pth'], cwd=ROOT, capture_output=True, text=True,
                                  check=True).stdout
             assert f'--config {config}' in dry, target
+            grows = recipe.convert is not None and '--grow-heads' in recipe.convert
+            assert ('--grow-heads 12' in dry) == grows, target  # the same source width as the compared entry
+            words = ' '.join(dry.replace('\\\n', ' ').split())  # the recipe's lines, continuations joined
+            assert ('--heads 6 --weights 1 --model-kwargs embed_dim=96 num_heads=6' in words) == grows, target
     warmup, teacher, ikd = configs['warmup18_ikd_e28'], configs['convert_ft8_teacher'], configs['convert_ft10_ikd']
     assert (warmup.full_warmup_epochs, warmup.epochs, warmup.inplace_kd, warmup.teacher) == (18, 28, True, '')
     assert (teacher.teacher, teacher.teacher_heads, teacher.teacher_kwargs, teacher.epochs, teacher.inplace_kd) == (

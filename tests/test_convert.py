@@ -12,6 +12,7 @@ from hydravit.convert import (
     Importance,
     check_convertible,
     convert_state_dict,
+    grow_state_dict,
     main,
     orders_from,
     permute_state_dict,
@@ -119,6 +120,8 @@ def test_unregistered_geometry_names_what_differs():
                                          r'hydravit_dyn_patch16_224: embed_dim 192 vs 768, num_heads 3 vs 12'):
         target_model_name(full('deit_tiny_patch16_224'))
     assert target_model_name(full('deit_small_patch16_224')) == 'hydravit_dyn_small_patch16_224'
+    assert target_model_name(full('deit_small_patch16_224'), num_heads=12) == 'hydravit_dyn_patch16_224'  # grown
+    assert target_model_name(full('deit_tiny_patch16_224'), num_heads=12) == 'hydravit_dyn_patch16_224'
     assert target_model_name(full('vit_base_patch16_224.augreg_in21k')) == 'hydravit_dyn_patch16_224'
     assert target_model_name(full('vit_large_patch16_224')) == 'hydravit_dyn_large_patch16_224'
 
@@ -157,3 +160,55 @@ def test_cli_errors_before_any_work(tmp_path, image_folder, capsys):
     assert main([str(image_folder), '--model', 'hydravit_dyn_patch4_32', '--checkpoint', str(tmp_path / 'linear.pth'),
                  '-o', str(tmp_path / 'o.pth')]) == 2
     assert 'does not match' in capsys.readouterr().err and not (tmp_path / 'o.pth').exists()
+
+
+def test_a_grown_model_with_the_sources_heads_is_the_source_and_keeps_its_init_elsewhere():
+    source = perturbed(vit('deit_small_patch16_224'))  # 6 heads of 64: DeiT-Small into the 12-head Base
+    x = torch.randn(2, 3, 64, 64)
+    converted, _ = convert_state_dict(source, 'magnitude', [x])
+    torch.manual_seed(0)
+    model = timm.create_model('hydravit_dyn_patch16_224', depth=2, img_size=64, num_classes=5).eval()
+    init = {n: t.clone() for n, t in model.state_dict().items()}
+    model.load_state_dict(grow_state_dict(converted, model), strict=True)
+    with torch.no_grad():
+        model.set_heads(6)
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-4)
+        model.set_heads(12)
+        assert torch.isfinite(model(x)).all()
+    grown = model.state_dict()
+    qkv = grown['blocks.0.attn.qkv.weight'].unflatten(0, (3, 768))  # q, k and v: the source in each block's top
+    assert torch.equal(qkv[:, :384, :384], converted['blocks.0.attn.qkv.weight'].unflatten(0, (3, 384)))
+    assert torch.equal(qkv[:, 384:], init['blocks.0.attn.qkv.weight'].unflatten(0, (3, 768))[:, 384:])
+    assert torch.equal(grown['blocks.1.mlp.fc1.weight'][1536:], init['blocks.1.mlp.fc1.weight'][1536:])
+    assert torch.equal(grown['pos_embed'][..., 384:], init['pos_embed'][..., 384:])
+
+
+def test_grow_refuses_what_does_not_fit():
+    model = timm.create_model('hydravit_dyn_patch4_32', num_classes=5)
+    wider = timm.create_model('hydravit_dyn_patch4_32', num_classes=5, embed_dim=384, num_heads=24).state_dict()
+    with pytest.raises(ValueError, match=r'^cls_token: shape \(1, 1, 384\) does not fit inside \(1, 1, 192\)$'):
+        grow_state_dict(wider, model)
+    deeper = timm.create_model('hydravit_dyn_patch4_32', num_classes=5, depth=7).state_dict()
+    with pytest.raises(ValueError, match='^the ViT and the HydraViT to grow it into have different keys: blocks.6'):
+        grow_state_dict(deeper, model)
+
+
+def test_cli_grows_a_narrower_checkpoint(tmp_path, image_folder, capsys):
+    source = perturbed(timm.create_model('hydravit_dyn_patch4_32', num_classes=2, embed_dim=96, num_heads=6)).eval()
+    torch.save({'state_dict': source.state_dict()}, tmp_path / 'src.pth')
+    out = tmp_path / 'grown.pth'
+    args = [str(image_folder), '--model', 'hydravit_dyn_patch4_32', '--model-kwargs', 'embed_dim=96', 'num_heads=6',
+            '--checkpoint', str(tmp_path / 'src.pth'), '-o', str(out), '--calib-images', '4']
+    assert main(args + ['--grow-heads', '6']) == 2 and not out.exists()
+    assert capsys.readouterr().err == "error: --grow-heads: 6 must exceed the source's 6 heads\n"
+    assert main(args + ['--grow-heads', '12', '--report', '--heads', '3', '6', '12']) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [len(line.split()) for line in printed[-2:]] == [4, 4]  # 'original order' at k = 3, 6; converted at all
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint['hydravit_convert']['grow_heads'] == 12
+    model = timm.create_model('hydravit_dyn_patch4_32', num_classes=2).eval()  # the registered 12-head model
+    model.load_state_dict(checkpoint['state_dict'], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.set_heads(6)
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-4)
