@@ -857,7 +857,9 @@ def budget_answer(rows: List[dict], goal: str) -> str:
                 f'({_decided_text(margins[best], seeds[best])}).')
     best = min(met, key=lambda name: _mean_gmacs(rows, name))
     total, k12, family = _mean_gmacs(rows, best), _mean_gmacs(rows, 'dedicated_k12'), family_gmacs(rows)
-    beyond = f', {_beyond_source(rows, best)} beyond its source' if RECIPES[best].source else ''
+    recipe = RECIPES[best]
+    beyond = '' if not recipe.source else f', {_beyond_source(rows, best)} beyond its source' \
+        if goal == 'vit' else f' (its source `{recipe.base}` included)'  # from scratch: the source is a part of it
     among = 'the only entry that does' if len(met) == 1 else f'the cheapest of {len(met)} entries that do'
     return (f'**{scope}: `{best}` meets every target** on the means of {seeds[best]} seeds '
             f'({_decided_text(margins[best], seeds[best])}; the tightest, {margins[best]["tightest"]}, '

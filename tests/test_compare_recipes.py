@@ -463,6 +463,14 @@ def test_budget_report_answers_each_budget_from_the_rows_and_says_what_the_seeds
     assert ('**From scratch, <= 1.0x the dedicated 12-head ViT\'s training GMACs: every entry misses** (2 entries). '
             'The closest, `paper_weighted`, misses k=3, k=6, k=9, k=12 on the means of 3 seeds, the worst (k=3) by '
             '0.30 p.p. (a miss beyond one std).') in compare.budget_report(rows)
+    # a from-scratch entry that trains its own (narrower) source: the total includes it, and no 'beyond' ratio
+    grown = rows + [_row('dedicated_k6', s, 81.8) for s in (1, 2)]
+    grown += _seeds('grow6_ft14', (82.0,) * 3, passes_per_k='12:210 3:210 7:420')
+    total = 3360 * 0.06 * 48 + (210 * 0.12 + 210 * 0.03 + 420 * 0.07) * 48 + 256 * 0.12
+    assert (f'`grow6_ft14` meets every target** on the means of 3 seeds (no target within one std of its limit; the '
+            f'tightest, k=3, 0.70 p.p. inside its limit), the only entry that does: {total:,.0f} training GMACs (its '
+            f"source `dedicated_k6` included), {total / k12:.2f}x the dedicated 12-head ViT's") \
+        in compare.budget_report(grown)
     # five seeds settle it even with a mean within one std of its limit, which the answer still says
     rows += _seeds('sandwich', (81.3, 81.7, 81.5, 81.3, 81.7))
     assert ('`sandwich` meets every target** on the means of 5 seeds (still within one std at k=3, k=6, k=9, k=12; '
