@@ -318,7 +318,8 @@ def grow_state_dict(state_dict: Dict[str, torch.Tensor], model: HydraViT) -> Dic
 
     Progressive growing, the reverse of shrinking a ViT: a DeiT-Small (6 heads of 64) fills the first 6 heads of a
     12-head HydraViT-Base, to be trained with the sandwich. Raises ``ValueError`` when the keys differ or a tensor
-    does not fit inside the model's.
+    does not fit inside the model's; that the two agree in everything but width (image size, classes, tokens) is the
+    caller's to ensure, as ``main`` does by building ``model`` from the source's kwargs.
     """
     full = {n: t.detach().clone() for n, t in model.state_dict().items()}
     differ = sorted(full.keys() ^ state_dict.keys())
@@ -384,6 +385,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'DATA: not a folder: {args.data}')
     if not timm.is_model(args.model):
         parser.error(f'--model: unknown model {args.model!r}')
+    if 'in_chans' in args.model_kwargs:  # DATA's images are read as RGB and the target model takes 3 channels
+        parser.error('--model-kwargs: in_chans is not supported (calibration images are RGB)')
     return args
 
 
@@ -400,7 +403,13 @@ def load_source(args: argparse.Namespace) -> VisionTransformer:
     except NonFiniteWeightsError as e:
         raise NonFiniteWeightsError(f'--checkpoint: {e}') from e
     num_classes = args.num_classes or (state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0)
-    model = timm.create_model(args.model, **dict(args.model_kwargs, num_classes=num_classes))
+    try:
+        model = timm.create_model(args.model, **dict(args.model_kwargs, num_classes=num_classes))
+    except TypeError as e:  # a keyword --model does not take
+        raise ValueError(f'--model-kwargs: {e}') from e
+    # the calibration images follow the model's data config: at the image size the kwargs gave, not the default
+    if model.patch_embed.img_size is not None:
+        model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, *model.patch_embed.img_size))
     check_state_dict_matches(model, state_dict, source=f'--checkpoint {args.checkpoint} (--model {args.model})')
     model.load_state_dict(state_dict, strict=True)
     if isinstance(model, HydraViT):  # its own layout already; a plain ViT makes the permutation code simpler
@@ -472,6 +481,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.grow_heads is not None and args.grow_heads <= source_heads:
             raise ValueError(f'--grow-heads: {args.grow_heads} must exceed the source\'s {source_heads} heads')
         target = target_model_name(vit, args.grow_heads)
+        heads = args.grow_heads or source_heads
+        if args.report and args.heads and not all(1 <= k <= heads for k in args.heads):
+            raise ValueError(f'--heads: each in 1..{heads} (the converted model\'s heads), got {args.heads}')
         class_names = source_class_names(args)
         if args.report:  # its labels must mean the source's classes: checked before any work
             labelled_dataset(args, report_split(args), class_names)

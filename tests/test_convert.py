@@ -212,3 +212,25 @@ def test_cli_grows_a_narrower_checkpoint(tmp_path, image_folder, capsys):
     with torch.no_grad():
         model.set_heads(6)
         torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-4)
+
+
+def test_grow_flags_refuse_in_one_line_and_follow_the_sources_image_size(tmp_path, image_folder, capsys):
+    # a plain timm ViT of the digits geometry, loaded through a stock name at another size: calibrated at 32 px
+    source = perturbed(timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3,
+                                                     num_classes=2)).eval()
+    torch.save(source.state_dict(), tmp_path / 'src.pth')
+    base = [str(image_folder), '--model', 'vit_tiny_patch16_224', '--checkpoint', str(tmp_path / 'src.pth'),
+            '--calib-images', '4', '--grow-heads', '12']
+    kwargs = ['--model-kwargs', 'img_size=32', 'patch_size=4', 'embed_dim=48', 'depth=6', 'num_heads=3']
+    out = tmp_path / 'grown.pth'
+    assert main(base + kwargs + ['-o', str(out)]) == 0
+    assert torch.load(out, weights_only=True)['arch'] == 'hydravit_dyn_patch4_32'
+    capsys.readouterr()
+    assert main(base + kwargs + ['foo=1', '-o', str(tmp_path / 'x.pth')]) == 2
+    assert capsys.readouterr().err.startswith("error: --model-kwargs: ") and not (tmp_path / 'x.pth').exists()
+    assert main(base + kwargs + ['-o', str(tmp_path / 'x.pth'), '--report', '--heads', '3', '13']) == 2
+    assert capsys.readouterr().err == "error: --heads: each in 1..12 (the converted model's heads), got [3, 13]\n"
+    with pytest.raises(SystemExit):
+        main(base + kwargs + ['in_chans=1', '-o', str(tmp_path / 'x.pth')])
+    assert 'error: --model-kwargs: in_chans is not supported (calibration images are RGB)' in capsys.readouterr().err
+    assert not (tmp_path / 'x.pth').exists()
