@@ -81,8 +81,13 @@ class Recipe:
         flags = list(self.flags) + ['--epochs', str(self.epochs), '--eval-interval', str(self.epochs)]
         if self.dedicated is not None:
             k = self.dedicated
-            flags += ['--heads', str(k), '--weights', '1', '--model-kwargs', f'embed_dim={16 * k}', f'num_heads={k}']
+            flags += ['--heads', str(k), '--weights', '1', *width_flags(k)]
         return flags
+
+
+def width_flags(k: int) -> List[str]:
+    """``--model-kwargs`` that build MODEL as a ViT of ``k`` heads of 16 (a dedicated entry's geometry)."""
+    return ['--model-kwargs', f'embed_dim={16 * k}', f'num_heads={k}']
 
 
 SANDWICH = ['--subnets-per-step', '4', '--subnet-policy', 'sandwich'] + UNIFORM
@@ -262,7 +267,7 @@ def run_logged(cmd: List[str], log_path: Path, threads: int, recipe: Recipe, see
 def convert_command(recipe: Recipe, seed: int, data: Path, runs: Path) -> List[str]:
     """hydravit.convert of the dedicated run ``base``'s EMA weights of this seed, calibrated on its train split."""
     k = RECIPES[recipe.base].dedicated
-    width = ['--model-kwargs', f'embed_dim={16 * k}', f'num_heads={k}'] if k != HEADS[-1] else []
+    width = width_flags(k) if k != HEADS[-1] else []
     return [sys.executable, '-m', 'hydravit.convert', str(data), '--model', MODEL, *width, '--checkpoint',
             str(teacher_file(runs, seed, recipe.base)), '--num-classes', '10', '--seed', str(seed),
             '-o', str(run_dir(runs, recipe.name, seed) / 'converted.pth'), *recipe.convert]
@@ -857,9 +862,11 @@ def budget_answer(rows: List[dict], goal: str) -> str:
                 f'({_decided_text(margins[best], seeds[best])}).')
     best = min(met, key=lambda name: _mean_gmacs(rows, name))
     total, k12, family = _mean_gmacs(rows, best), _mean_gmacs(rows, 'dedicated_k12'), family_gmacs(rows)
-    recipe = RECIPES[best]
-    beyond = '' if not recipe.source else f', {_beyond_source(rows, best)} beyond its source' \
-        if goal == 'vit' else f' (its source `{recipe.base}` included)'  # from scratch: the source is a part of it
+    recipe, beyond = RECIPES[best], ''
+    if recipe.source and goal == 'vit':
+        beyond = f', {_beyond_source(rows, best)} beyond its source'
+    elif recipe.source:  # from scratch: the source is a part of the entry's own cost
+        beyond = f' (its source `{recipe.base}` included)'
     among = 'the only entry that does' if len(met) == 1 else f'the cheapest of {len(met)} entries that do'
     return (f'**{scope}: `{best}` meets every target** on the means of {seeds[best]} seeds '
             f'({_decided_text(margins[best], seeds[best])}; the tightest, {margins[best]["tightest"]}, '
